@@ -1,0 +1,1 @@
+"""Command-line generation and benchmarks: `python -m infer generate|bench --help`."""

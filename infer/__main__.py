@@ -1,0 +1,96 @@
+"""python -m infer generate|bench — see `--help` of each."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from pass_jax.cache import CacheOverflowError
+from pass_jax.config import ConfigError
+
+
+def _ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--prompt-ids takes comma-separated integers, got {text!r}") from None
+
+
+def _generate_parser(sub) -> None:
+    p = sub.add_parser("generate", help="generate text with autoregressive decoding or PaSS",
+                       description="Generate continuations of one or more prompts. With --json, stdout is one JSON "
+                                   "object (method, k, texts, token_ids, stats); logs go to stderr.")
+    p.add_argument("--model", help="Hugging Face model directory (Llama, Mistral or Qwen2)", required=True)
+    p.add_argument("--method", choices=["ar", "pass"], default="pass",
+                   help="ar: autoregressive decoding; pass: PaSS look-ahead drafting (default)")
+    p.add_argument("--k", type=int, default=4, help="look-ahead tokens per pass, 1..16 (PaSS only; default 4)")
+    p.add_argument("--lookahead", default="untrained",
+                   help="look-ahead checkpoint directory, or 'untrained' (copies of an UNK-like embedding)")
+    p.add_argument("--variant", choices=["fused", "paper"], default="fused",
+                   help="fused: drafts ride along in the verification pass (default); paper: separate passes")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
+    g.add_argument("--prompt-ids", type=_ids, action="append", help='token ids "1,2,3" (repeat for a batch)')
+    p.add_argument("--max-new-tokens", type=int, default=64, help="new tokens per prompt (default 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="parameter dtype")
+    p.add_argument("--max-len", type=int, help="KV cache size (default: what the request needs)")
+    p.add_argument("--json", action="store_true", help="print one JSON object to stdout")
+
+
+def _load_lookahead(model, spec: str, k: int):
+    if spec == "untrained":
+        return None
+    from pass_jax.checkpoint import load_lookahead
+
+    la = load_lookahead(spec, model)
+    if la.shape[0] != k:
+        raise ValueError(f"look-ahead checkpoint {spec!r} holds k={la.shape[0]} embeddings; pass --k {la.shape[0]}")
+    return la
+
+
+def run_generate(args) -> int:
+    from pass_jax import generate, load_model
+
+    model = load_model(args.model, dtype=args.dtype)
+    prompts = args.prompt if args.prompt else args.prompt_ids
+    lookahead = _load_lookahead(model, args.lookahead, args.k) if args.method == "pass" else None
+    res = generate(model, prompts, max_new_tokens=args.max_new_tokens, method=args.method, k=args.k,
+                   lookahead=lookahead, variant=args.variant, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, seed=args.seed, max_len=args.max_len)
+    k = args.k if args.method == "pass" else 0
+    if args.json:
+        print(json.dumps({"method": args.method, "k": k, "texts": res.texts, "token_ids": res.token_ids,
+                          "stats": res.stats}))
+        return 0
+    for i, ids in enumerate(res.token_ids):
+        body = res.texts[i] if res.texts is not None else " ".join(map(str, ids))
+        print(f"--- completion {i} ---\n{body}")
+    s = res.stats
+    print(f"[{args.method}{f' k={k}' if k else ''}] {s['new_tokens']} tokens, {s['forward_passes']} forward passes, "
+          f"{s['tokens_per_forward']:.2f} tokens/pass, {s['tokens_per_second']:.1f} tokens/s "
+          f"(compile {s['compile_seconds']:.1f} s)", file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m infer", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _generate_parser(sub)
+    from .bench import add_parser as add_bench
+
+    add_bench(sub)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) if hasattr(args, "func") else run_generate(args)
+    except (ConfigError, CacheOverflowError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""python -m infer bench: placeholder replaced below."""

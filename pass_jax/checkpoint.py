@@ -1,0 +1,66 @@
+"""Look-ahead checkpoints: orbax arrays plus JSON metadata tying them to one base model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+
+from .config import ConfigError
+
+METADATA = "lookahead.json"
+
+
+def model_fingerprint(model) -> str:
+    """Hash of the architecture and the first embedding rows: tells one base model from another."""
+    c = model.config
+    h = hashlib.sha256(json.dumps([c.architecture, c.vocab_size, c.hidden_size, c.num_layers, c.num_heads,
+                                   c.num_kv_heads, c.head_dim]).encode())
+    h.update(np.asarray(model.params["embed"][:64], np.float32).tobytes())
+    return h.hexdigest()[:16]
+
+
+def save_lookahead(path: str | os.PathLike, lookahead, model, extra: dict | None = None) -> None:
+    import orbax.checkpoint as ocp
+
+    path = Path(path).absolute()
+    path.mkdir(parents=True, exist_ok=True)
+    la = np.asarray(lookahead, np.float32)
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(path / "state", {"lookahead": la}, force=True)
+    meta = {"k": int(la.shape[0]), "d_model": int(la.shape[1]), "vocab_size": model.config.vocab_size,
+            "base_model_fingerprint": model_fingerprint(model), "base_model_path": model.path, **(extra or {})}
+    (path / METADATA).write_text(json.dumps(meta, indent=2))
+
+
+def load_lookahead(path: str | os.PathLike, model):
+    """[k, d_model] look-ahead embeddings, after checking they were trained for this model."""
+    import orbax.checkpoint as ocp
+
+    path = Path(path).absolute()
+    meta_path = path / METADATA
+    if not meta_path.is_file():
+        raise ConfigError(f"{str(path)!r} is not a look-ahead checkpoint (no {METADATA})")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{meta_path} is corrupt: {e}") from None
+    if meta.get("d_model") != model.config.hidden_size or meta.get("vocab_size") != model.config.vocab_size:
+        raise ConfigError(f"look-ahead checkpoint {str(path)!r} was trained for a model with d_model={meta.get('d_model')}"
+                          f", vocab={meta.get('vocab_size')}; this model has d_model={model.config.hidden_size}, "
+                          f"vocab={model.config.vocab_size}")
+    if meta.get("base_model_fingerprint") != model_fingerprint(model):
+        raise ConfigError(f"look-ahead checkpoint {str(path)!r} was trained for another base model "
+                          f"(fingerprint {meta.get('base_model_fingerprint')} != {model_fingerprint(model)})")
+    try:
+        with ocp.StandardCheckpointer() as ckpt:
+            la = ckpt.restore(path / "state")["lookahead"]
+    except Exception as e:  # orbax raises many kinds on damaged files
+        raise ConfigError(f"cannot read look-ahead checkpoint {str(path)!r}: {type(e).__name__}: {e}") from None
+    if tuple(la.shape) != (meta["k"], meta["d_model"]):
+        raise ConfigError(f"look-ahead checkpoint {str(path)!r} is corrupt: shape {la.shape} != metadata")
+    return jnp.asarray(la, jnp.float32)

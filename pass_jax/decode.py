@@ -1,0 +1,183 @@
+"""Autoregressive and PaSS decoding: one `lax.while_loop` each, batched, with per-row lengths.
+
+Every method is built from one step, `_round`: run [pending token, drafts?, look-ahead block?]
+through the model, verify the drafts (none for autoregressive decoding), emit the accepted drafts
+plus one exact token, commit that many cache entries, and take new drafts from the look-ahead
+outputs. Autoregressive = round(no drafts, no look-ahead); PaSS paper = a drafting round
+(look-ahead only) then a validation round (drafts only); PaSS fused = drafts and look-ahead in
+one round, the look-ahead drafts being valid only where every draft was accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from .cache import KVCache, write_block
+from .config import ModelConfig
+from .model import embed_tokens, forward, logits_from_hidden
+from .sampling import Sampler, position_keys, sample, verify
+
+METHODS = ("ar", "pass")
+VARIANTS = ("fused", "paper")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeSpec:
+    """Everything static about one generation call (part of the jit cache key)."""
+
+    method: str = "ar"
+    k: int = 0
+    variant: str = "fused"
+    sampler: Sampler = Sampler()
+    max_new_tokens: int = 32
+    eos_ids: tuple[int, ...] = ()
+
+    @property
+    def block_tokens(self) -> int:
+        """Largest block a round writes into the cache beyond the committed entries."""
+        return 1 + (2 * self.k if self.method == "pass" else 0)
+
+
+@struct.dataclass
+class DecodeState:
+    cache: KVCache
+    pending: jax.Array  # [B] last emitted token, not yet in the cache
+    drafts: jax.Array  # [B, k] drafts for the output positions after `pending`
+    draft_probs: jax.Array  # [B, k, V] the distributions they were drawn from ([B, k, 1] when greedy)
+    n_drafts: jax.Array  # [B] how many drafts are valid (0 or k)
+    out: jax.Array  # [B, W] emitted tokens
+    out_len: jax.Array  # [B]
+    done: jax.Array  # [B] bool
+    row_passes: jax.Array  # [B] forward passes while the row was live
+    calls: jax.Array  # scalar: batched forward passes
+    accepted: jax.Array  # [k] rounds in which drafts 1..j+1 were all accepted
+    draft_rounds: jax.Array  # scalar: (row, round) pairs that verified drafts
+
+
+def block_layout(lengths, n_drafts, n_tok: int, n_la: int):
+    """Positions [B, T] and block mask [B, T, T] for [tokens (n_tok), look-ahead (n_la)].
+
+    Token slots are causal. Look-ahead slot i sits right after the last valid token slot
+    (slot n_drafts) and sees token slots 0..n_drafts and look-ahead slots 0..i.
+    """
+    t = n_tok + n_la
+    s = jnp.arange(t)
+    is_la = s >= n_tok
+    causal = s[None, :] <= s[:, None]
+    token_key_ok = s[None, None, :] <= n_drafts[:, None, None]
+    mask = causal[None] & (~is_la[None, :, None] | is_la[None, None, :] | token_key_ok)
+    offset = jnp.where(is_la[None], n_drafts[:, None] + 1 + (s - n_tok)[None], s[None])
+    return lengths[:, None] + offset, mask
+
+
+def _la_drafts(logits, spec: DecodeSpec, row_keys, first_index):
+    """Drafts (and their distributions) from the look-ahead outputs, for output indices first_index + i."""
+    if spec.sampler.greedy:
+        drafts = jnp.argmax(logits, -1).astype(jnp.int32)
+        return drafts, jnp.zeros(drafts.shape + (1,), jnp.float32)
+    q = spec.sampler.probs(logits)
+    idx = first_index[:, None] + jnp.arange(logits.shape[1])[None]
+    return sample(q, position_keys(row_keys, idx)[:, :, 0]), q
+
+
+def _emit(state: DecodeState, spec: DecodeSpec, emitted, n_emit, commit, pending, passes=1):
+    """Append tokens, stop rows at EOS or budget, commit cache entries; done rows are left untouched."""
+    live = ~state.done
+    n_emit = jnp.minimum(n_emit, spec.max_new_tokens - state.out_len)
+    slot = jnp.arange(emitted.shape[1])[None]
+    is_eos = jnp.isin(emitted, jnp.asarray(spec.eos_ids or (-1,))) & (slot < n_emit[:, None])
+    hit = is_eos.any(1)
+    n_emit = jnp.where(hit, jnp.argmax(is_eos, 1) + 1, n_emit)
+    out_len = state.out_len + jnp.where(live, n_emit, 0)
+    return state.replace(
+        out=write_block(state.out, emitted, state.out_len),  # past out_len is scratch, trimmed at the end
+        out_len=out_len,
+        done=state.done | hit | (out_len >= spec.max_new_tokens),
+        cache=state.cache.commit(jnp.where(live, commit, 0)),
+        pending=jnp.where(live, pending, state.pending),
+        row_passes=state.row_passes + passes * live,
+        calls=state.calls + passes,
+    )
+
+
+def _round(params, cfg: ModelConfig, spec: DecodeSpec, lookahead, row_keys, state: DecodeState,
+           use_drafts: bool, use_la: bool) -> DecodeState:
+    b, k = state.pending.shape[0], spec.k
+    n_drafts = state.n_drafts if use_drafts else jnp.zeros_like(state.n_drafts)
+    drafts = state.drafts if use_drafts else state.drafts[:, :0]
+    embeds = embed_tokens(params, jnp.concatenate([state.pending[:, None], drafts], 1))
+    n_tok = embeds.shape[1]
+    if use_la:
+        embeds = jnp.concatenate([embeds, jnp.broadcast_to(lookahead.astype(jnp.float32), (b,) + lookahead.shape)], 1)
+    positions, mask = block_layout(state.cache.lengths, n_drafts, n_tok, k if use_la else 0)
+    hidden, cache = forward(params, cfg, embeds, positions, mask, state.cache)
+    logits = logits_from_hidden(params, hidden)
+    keys = position_keys(row_keys, state.out_len[:, None] + jnp.arange(n_tok)[None])
+    probs = state.draft_probs if use_drafts else state.draft_probs[:, :0]
+    a, nxt = verify(logits[:, :n_tok], drafts, probs, n_drafts, spec.sampler, keys)
+    emitted = jnp.where(jnp.arange(n_tok)[None] == a[:, None], nxt[:, None],
+                        jnp.concatenate([drafts, nxt[:, None]], 1))
+    with_drafts = (n_drafts > 0) & ~state.done
+    state = state.replace(
+        cache=cache,
+        accepted=state.accepted + jnp.sum((a[:, None] > jnp.arange(k)[None]) & with_drafts[:, None], 0),
+        draft_rounds=state.draft_rounds + with_drafts.sum(),
+    )
+    if use_la:
+        new, q = _la_drafts(logits[:, n_tok:], spec, row_keys, state.out_len + a + 1)
+        state = state.replace(drafts=new, draft_probs=q, n_drafts=jnp.where(a == n_drafts, k, 0))
+    else:
+        state = state.replace(n_drafts=jnp.zeros_like(n_drafts))
+    return _emit(state, spec, emitted, a + 1, a + 1, nxt)
+
+
+def _prefill(params, cfg: ModelConfig, spec: DecodeSpec, lookahead, row_keys, prompts, prompt_lens, max_len):
+    """Run the padded prompts (plus the look-ahead block for PaSS); emit the first token."""
+    b, tp = prompts.shape
+    use_la = spec.method == "pass"
+    k = spec.k
+    cache = KVCache.create(cfg, b, max_len, params["embed"].dtype)
+    embeds = embed_tokens(params, prompts)
+    if use_la:
+        embeds = jnp.concatenate([embeds, jnp.broadcast_to(lookahead.astype(jnp.float32), (b,) + lookahead.shape)], 1)
+    last = prompt_lens - 1
+    positions, mask = block_layout(cache.lengths, last, tp, k if use_la else 0)
+    hidden, cache = forward(params, cfg, embeds, positions, mask, cache)
+    rows = jnp.arange(b)
+    logits = logits_from_hidden(params, hidden[rows, last])[:, None]
+    zero = jnp.zeros((b,), jnp.int32)
+    keys = position_keys(row_keys, zero[:, None])
+    _, first = verify(logits, prompts[:, :0], jnp.zeros((b, 0, 1)), zero, spec.sampler, keys)
+    v = cfg.vocab_size if not spec.sampler.greedy and use_la else 1
+    state = DecodeState(
+        cache=cache, pending=first, drafts=jnp.zeros((b, k), jnp.int32), draft_probs=jnp.zeros((b, k, v)),
+        n_drafts=zero, out=jnp.zeros((b, spec.max_new_tokens + spec.block_tokens + 1), jnp.int32), out_len=zero,
+        done=jnp.zeros((b,), bool), row_passes=zero, calls=jnp.int32(0), accepted=jnp.zeros((k,), jnp.int32),
+        draft_rounds=jnp.int32(0))
+    if use_la:
+        new, q = _la_drafts(logits_from_hidden(params, hidden[:, tp:]), spec, row_keys, jnp.ones((b,), jnp.int32))
+        state = state.replace(drafts=new, draft_probs=q.astype(jnp.float32), n_drafts=jnp.full((b,), k, jnp.int32))
+    return _emit(state, spec, first[:, None], jnp.ones_like(zero), prompt_lens, first)
+
+
+def decode(params, cfg: ModelConfig, spec: DecodeSpec, lookahead, prompts, prompt_lens, seed, max_len: int):
+    """Generate for a padded batch of prompts [B, Tp] (lengths [B]); jit with cfg, spec, max_len static."""
+    row_keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.arange(prompts.shape[0]))
+    row_keys = jax.random.key_data(row_keys)
+    state = _prefill(params, cfg, spec, lookahead, row_keys, prompts, prompt_lens, max_len)
+
+    def step(st, drafts, la):
+        return _round(params, cfg, spec, lookahead, row_keys, st, drafts, la)
+
+    if spec.method == "ar":
+        body = lambda st: step(st, False, False)  # noqa: E731
+    elif spec.variant == "paper":
+        body = lambda st: step(step(st, False, True), True, False)  # noqa: E731
+    else:  # fused: skip the draft slots whenever no live row holds drafts (e.g. untrained look-ahead)
+        body = lambda st: jax.lax.cond(jnp.any((st.n_drafts > 0) & ~st.done),  # noqa: E731
+                                       lambda s: step(s, True, True), lambda s: step(s, False, True), st)
+    return jax.lax.while_loop(lambda st: ~jnp.all(st.done), body, state)

@@ -1,0 +1,188 @@
+"""The public API: load a model, generate with autoregressive decoding or PaSS."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .cache import CacheOverflowError
+from .config import ModelConfig
+from .decode import METHODS, VARIANTS, DecodeSpec, decode
+from .hf import load_hf, save_hf
+from .lookahead import check_k, init_lookahead
+from .sampling import Sampler
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass
+class Model:
+    config: ModelConfig
+    params: dict
+    tokenizer: Any = None
+    hf_config: dict | None = None
+    path: str | None = None
+
+    @property
+    def dtype(self):
+        return self.params["embed"].dtype
+
+
+def load_model(model_dir: str | os.PathLike, dtype: str = "float32", tokenizer: bool = True) -> Model:
+    """Load a Hugging Face Llama / Mistral / Qwen2 directory (tokenizer too, when it has one)."""
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    cfg, params, hf = load_hf(model_dir, _DTYPES[dtype])
+    tok = None
+    path = Path(model_dir)
+    if tokenizer and any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(path))
+    return Model(cfg, params, tok, hf, str(path))
+
+
+def save_model(model: Model, model_dir: str | os.PathLike, max_shard_bytes: int | None = None) -> None:
+    """Save as a Hugging Face directory that `transformers` (and load_model) can read."""
+    save_hf(model_dir, model.config, model.params, model.hf_config, max_shard_bytes)
+    if model.tokenizer is not None:
+        model.tokenizer.save_pretrained(str(model_dir))
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    token_ids: list[list[int]]  # new tokens per prompt, without the prompt
+    texts: list[str] | None
+    stats: dict
+
+
+def untrained_lookahead(model: Model, k: int):
+    """The paper's untrained baseline: k copies of an [UNK]-like token's embedding."""
+    unk = getattr(model.tokenizer, "unk_token_id", None) if model.tokenizer is not None else None
+    return init_lookahead(model.params, k, "token", unk if unk is not None else 0)
+
+
+def _tokenize(model: Model, prompts) -> list[list[int]]:
+    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        prompts = [prompts]
+    if not prompts:
+        raise ValueError("no prompts given")
+    ids = []
+    for p in prompts:
+        if isinstance(p, str):
+            if model.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass token ids instead of text")
+            p = model.tokenizer(p, add_special_tokens=True)["input_ids"]
+        p = [int(t) for t in p]
+        if not p:
+            raise ValueError("empty prompt: every prompt needs at least one token")
+        bad = [t for t in p if not 0 <= t < model.config.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary (size {model.config.vocab_size})")
+        ids.append(p)
+    return ids
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+_COMPILED: dict = {}
+
+
+def _compiled(model: Model, spec: DecodeSpec, args, max_len: int):
+    key = (model.config, spec, max_len, jax.tree.map(lambda x: (x.shape, x.dtype), args))
+    if key not in _COMPILED:
+        fn = jax.jit(decode, static_argnums=(1, 2, 7))
+        t0 = time.perf_counter()
+        exe = fn.lower(model.params, model.config, spec, *args, max_len).compile()
+        _COMPILED[key] = (exe, time.perf_counter() - t0)
+        return exe, _COMPILED[key][1]
+    return _COMPILED[key][0], 0.0
+
+
+def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]], *, max_new_tokens: int = 64,
+             method: str = "ar", k: int = 4, lookahead=None, variant: str = "fused", temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_token_id: int | Sequence[int] | None = None,
+             max_len: int | None = None) -> GenerationResult:
+    """Generate `max_new_tokens` per prompt (fewer where a row meets EOS).
+
+    method "ar" is plain autoregressive decoding; "pass" drafts k tokens per forward pass with the
+    look-ahead embeddings `lookahead` ([k, d_model]; None = untrained baseline) and verifies them
+    losslessly. temperature 0 is greedy. eos_token_id None takes the model's; () disables EOS stops.
+    max_len is the KV cache size (default: just what the request needs).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0 (got {temperature}, {top_p}, {top_k})")
+    cfg = model.config
+    if method == "pass":
+        check_k(k)
+        lookahead = untrained_lookahead(model, k) if lookahead is None else jnp.asarray(lookahead, jnp.float32)
+        if lookahead.shape != (k, cfg.hidden_size):
+            raise ValueError(f"look-ahead embeddings have shape {lookahead.shape}, expected ({k}, {cfg.hidden_size})")
+    else:
+        k, lookahead = 0, jnp.zeros((0, cfg.hidden_size), jnp.float32)
+    if eos_token_id is None:
+        eos = set(cfg.eos_token_ids)
+        if model.tokenizer is not None and model.tokenizer.eos_token_id is not None:
+            eos.add(model.tokenizer.eos_token_id)
+    else:
+        eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+    ids = _tokenize(model, prompts)
+    spec = DecodeSpec(method, k, variant, Sampler(float(temperature), int(top_k), float(top_p)), max_new_tokens,
+                      tuple(sorted(eos)))
+    lens = [len(p) for p in ids]
+    tp = _round_up(max(lens), 16)
+    needed = max(tp + k, max(lens) + max_new_tokens + spec.block_tokens)
+    if max_len is None:
+        max_len = _round_up(needed, 64)
+    elif needed > max_len:
+        raise CacheOverflowError(
+            f"the KV cache holds {max_len} entries but this request needs {needed}: longest prompt "
+            f"{max(lens)} (padded to {tp}) + max_new_tokens {max_new_tokens} + {spec.block_tokens} block entries; "
+            "shorten the prompt, lower max_new_tokens, or raise max_len")
+    padded = np.zeros((len(ids), tp), np.int32)
+    for i, p in enumerate(ids):
+        padded[i, :len(p)] = p
+    args = (lookahead, jnp.asarray(padded), jnp.asarray(lens, jnp.int32), jnp.int32(seed))
+    exe, compile_s = _compiled(model, spec, args, max_len)
+    t0 = time.perf_counter()
+    state = jax.block_until_ready(exe(model.params, *args))
+    seconds = time.perf_counter() - t0
+    out, out_len = np.asarray(state.out), np.asarray(state.out_len)
+    token_ids = [out[i, :out_len[i]].tolist() for i in range(len(ids))]
+    new_tokens = int(out_len.sum())
+    row_passes = np.asarray(state.row_passes)
+    rounds = int(state.draft_rounds)
+    stats = {
+        "new_tokens": new_tokens,
+        "forward_passes": int(state.calls),
+        "tokens_per_forward": new_tokens / max(int(row_passes.sum()), 1),
+        "seconds": seconds,
+        "compile_seconds": compile_s,
+        "tokens_per_second": new_tokens / seconds if seconds > 0 else float("inf"),
+        "acceptance_by_position": [float(a) / rounds if rounds else 0.0 for a in np.asarray(state.accepted)],
+        "row_forward_passes": row_passes.tolist(),
+    }
+    texts = None
+    if model.tokenizer is not None:
+        texts = [model.tokenizer.decode(t, skip_special_tokens=True) for t in token_ids]
+    return GenerationResult(token_ids, texts, stats)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)

@@ -1,0 +1,153 @@
+"""Hugging Face checkpoint directories <-> the params pytree (safetensors, single or sharded)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from .config import ConfigError, ModelConfig
+
+_LAYER = "model.layers.{}."
+
+
+def read_hf_config(model_dir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise ConfigError(f"model directory {str(path)!r} does not exist")
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise ConfigError(f"{str(path)!r} has no config.json: is it a Hugging Face model directory?")
+    try:
+        hf = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{cfg_path} is not valid JSON: {e}") from None
+    if not isinstance(hf, dict):
+        raise ConfigError(f"{cfg_path} must hold a JSON object")
+    return hf
+
+
+def _read_tensors(path: Path) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    index = path / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    tensors: dict[str, np.ndarray] = {}
+    for name in files:
+        f = path / name
+        if not f.is_file():
+            raise ConfigError(f"{str(path)!r} lacks weight file {name} (expected safetensors weights)")
+        try:
+            tensors.update(_load_any_dtype(f, load_file))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ConfigError(f"cannot read {f}: {e}") from None
+    return tensors
+
+
+def _load_any_dtype(f: Path, load_file) -> dict[str, np.ndarray]:
+    """numpy has no bfloat16 of its own: read such files through ml_dtypes via the torch-free flax path."""
+    try:
+        return load_file(str(f))
+    except (TypeError, ValueError):
+        from safetensors.flax import load_file as load_jax
+
+        return {k: np.asarray(v) for k, v in load_jax(str(f)).items()}
+
+
+def params_from_hf_tensors(cfg: ModelConfig, t: dict[str, np.ndarray], dtype) -> dict:
+    """Map HF names/layouts ([out, in] linear weights) to ours ([in, out], q/k/v and gate/up fused)."""
+    def get(name):
+        if name not in t:
+            raise ConfigError(f"checkpoint lacks tensor {name!r}")
+        return np.asarray(t[name], np.float32)
+
+    def cast(x):
+        return jnp.asarray(x, dtype)
+
+    layers = []
+    for i in range(cfg.num_layers):
+        p = _LAYER.format(i)
+        layer = {
+            "attn_norm": cast(get(p + "input_layernorm.weight")),
+            "qkv": cast(np.concatenate([get(p + f"self_attn.{n}_proj.weight") for n in "qkv"], 0).T),
+            "o": cast(get(p + "self_attn.o_proj.weight").T),
+            "mlp_norm": cast(get(p + "post_attention_layernorm.weight")),
+            "gate_up": cast(np.concatenate([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")], 0).T),
+            "down": cast(get(p + "mlp.down_proj.weight").T),
+        }
+        if cfg.attention_bias:
+            layer["qkv_bias"] = cast(np.concatenate([get(p + f"self_attn.{n}_proj.bias") for n in "qkv"]))
+        layers.append(layer)
+    params = {"embed": cast(get("model.embed_tokens.weight")), "layers": layers, "norm": cast(get("model.norm.weight"))}
+    if not cfg.tie_word_embeddings:
+        params["lm_head"] = cast(get("lm_head.weight").T)
+    want = (cfg.vocab_size, cfg.hidden_size)
+    if params["embed"].shape != want:
+        raise ConfigError(f"embed_tokens has shape {params['embed'].shape}, config says {want}")
+    return params
+
+
+def hf_tensors_from_params(cfg: ModelConfig, params: dict) -> dict[str, np.ndarray]:
+    """Inverse of params_from_hf_tensors, in the params' own dtype."""
+    def np_(x):
+        return np.ascontiguousarray(np.asarray(x))
+
+    hd = cfg.head_dim
+    splits = np.cumsum([cfg.num_heads * hd, cfg.num_kv_heads * hd])
+    t = {"model.embed_tokens.weight": np_(params["embed"]), "model.norm.weight": np_(params["norm"])}
+    for i, layer in enumerate(params["layers"]):
+        p = _LAYER.format(i)
+        for n, w in zip("qkv", np.split(np.asarray(layer["qkv"]), splits, axis=1)):
+            t[p + f"self_attn.{n}_proj.weight"] = np_(w.T)
+        if "qkv_bias" in layer:
+            for n, b in zip("qkv", np.split(np.asarray(layer["qkv_bias"]), splits)):
+                t[p + f"self_attn.{n}_proj.bias"] = np_(b)
+        t[p + "self_attn.o_proj.weight"] = np_(np.asarray(layer["o"]).T)
+        gate, up = np.split(np.asarray(layer["gate_up"]), 2, axis=1)
+        t[p + "mlp.gate_proj.weight"], t[p + "mlp.up_proj.weight"] = np_(gate.T), np_(up.T)
+        t[p + "mlp.down_proj.weight"] = np_(np.asarray(layer["down"]).T)
+        t[p + "input_layernorm.weight"] = np_(layer["attn_norm"])
+        t[p + "post_attention_layernorm.weight"] = np_(layer["mlp_norm"])
+    if "lm_head" in params:
+        t["lm_head.weight"] = np_(np.asarray(params["lm_head"]).T)
+    return t
+
+
+def load_hf(model_dir: str | os.PathLike, dtype=jnp.float32) -> tuple[ModelConfig, dict, dict[str, Any]]:
+    """(config, params, raw config.json) from a Hugging Face directory."""
+    hf = read_hf_config(model_dir)
+    cfg = ModelConfig.from_hf_dict(hf)
+    return cfg, params_from_hf_tensors(cfg, _read_tensors(Path(model_dir)), dtype), hf
+
+
+def save_hf(model_dir: str | os.PathLike, cfg: ModelConfig, params: dict, hf_config: dict[str, Any] | None = None,
+            max_shard_bytes: int | None = None) -> None:
+    """Write config.json and safetensors (sharded with an index past max_shard_bytes)."""
+    from safetensors.numpy import save_file
+
+    path = Path(model_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    hf = dict(hf_config) if hf_config else cfg.to_hf_dict()
+    hf["dtype"] = str(np.asarray(params["norm"]).dtype)
+    (path / "config.json").write_text(json.dumps(hf, indent=2))
+    tensors = hf_tensors_from_params(cfg, params)
+    if max_shard_bytes is None or sum(v.nbytes for v in tensors.values()) <= max_shard_bytes:
+        save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+        return
+    shards: list[dict[str, np.ndarray]] = [{}]
+    for name, v in tensors.items():
+        if shards[-1] and sum(x.nbytes for x in shards[-1].values()) + v.nbytes > max_shard_bytes:
+            shards.append({})
+        shards[-1][name] = v
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(path / fname), metadata={"format": "pt"})
+        weight_map.update({name: fname for name in shard})
+    index = {"metadata": {"total_size": sum(v.nbytes for v in tensors.values())}, "weight_map": weight_map}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

@@ -1,0 +1,126 @@
+"""The LLaMA-family decoder as pure functions of (params, cache, inputs, positions).
+
+Params are a plain dict: {"embed": [V, D], "norm": [D], "lm_head": [D, V] (absent when tied),
+"layers": [{"attn_norm", "qkv" [D, (H + 2 KV) * hd], "qkv_bias"?, "o", "mlp_norm",
+"gate_up" [D, 2F], "down"}, ...]}. q/k/v and gate/up are fused so a decode step streams each
+layer's weights in as few matrix-vector products as possible. Layers are a Python list, unrolled
+under jit: a scan over stacked layers would copy each layer's slice on the CPU backend.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from .cache import KVCache, attention_mask, key_positions, write_block
+from .config import ModelConfig, rope_inv_freq
+
+Params = dict
+
+
+def dense(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x @ w accumulated in float32 whatever the weight dtype (bf16 weights hit the fast path)."""
+    return jnp.dot(x.astype(w.dtype), w, preferred_element_type=jnp.float32)
+
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps) * w.astype(jnp.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Rotate-half RoPE as in Hugging Face Llama; x [B, T, heads, hd], positions [B, T]."""
+    angles = positions[..., None].astype(jnp.float32) * jnp.asarray(rope_inv_freq(cfg))  # [B, T, hd/2]
+    cos = jnp.cos(jnp.concatenate([angles, angles], -1))[:, :, None, :]
+    sin = jnp.sin(jnp.concatenate([angles, angles], -1))[:, :, None, :]
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], -1)
+    return x * cos + rotated * sin
+
+
+def embed_tokens(params: Params, tokens: jax.Array) -> jax.Array:
+    return params["embed"][tokens].astype(jnp.float32)
+
+
+def _attention(q, keys, values, mask, cfg: ModelConfig):
+    """Grouped-query attention of q [B, T, H, hd] over the whole buffer keys/values [B, S, KV, hd]."""
+    b, t, _, hd = q.shape
+    groups = cfg.num_heads // cfg.num_kv_heads
+    q = q.reshape(b, t, cfg.num_kv_heads, groups, hd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q.astype(keys.dtype), keys,
+                        preferred_element_type=jnp.float32) * (hd ** -0.5)
+    scores = jnp.where(mask[:, None, None], scores, -1e30)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(values.dtype), values, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, cfg.num_heads * hd)
+
+
+def forward(params: Params, cfg: ModelConfig, embeds: jax.Array, positions: jax.Array,
+            block_mask: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """Run a block of T new inputs through the decoder.
+
+    embeds [B, T, D] (token embeddings or look-ahead vectors), positions [B, T] RoPE positions,
+    block_mask [B, T, T] which block entries each query sees (on top of every committed entry).
+    The block's keys/values are written at each row's cache length but not committed.
+    Returns the final-normed hidden states [B, T, D] and the cache with the block written.
+    """
+    mask = attention_mask(cache.lengths, block_mask, cache.max_len)
+    if cfg.sliding_window is not None:
+        kpos = key_positions(cache.lengths, positions, cache.max_len)
+        mask &= (positions[:, :, None] - kpos[:, None, :]) < cfg.sliding_window
+    b, t, _ = embeds.shape
+    hd, nq, nkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+    x = embeds.astype(jnp.float32)
+    keys, values = list(cache.keys), list(cache.values)
+    for i, layer in enumerate(params["layers"]):
+        qkv = dense(rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps), layer["qkv"])
+        if "qkv_bias" in layer:
+            qkv = qkv + layer["qkv_bias"].astype(jnp.float32)
+        q = apply_rope(qkv[..., : nq * hd].reshape(b, t, nq, hd), positions, cfg)
+        k = apply_rope(qkv[..., nq * hd: (nq + nkv) * hd].reshape(b, t, nkv, hd), positions, cfg)
+        v = qkv[..., (nq + nkv) * hd:].reshape(b, t, nkv, hd)
+        keys[i] = write_block(keys[i], k, cache.lengths)
+        values[i] = write_block(values[i], v, cache.lengths)
+        x = x + dense(_attention(q, keys[i], values[i], mask, cfg), layer["o"])
+        gate, up = jnp.split(dense(rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps), layer["gate_up"]), 2, axis=-1)
+        x = x + dense(jax.nn.silu(gate) * up, layer["down"])
+    hidden = rms_norm(x, params["norm"], cfg.rms_norm_eps)
+    return hidden, cache.replace(keys=tuple(keys), values=tuple(values))
+
+
+def logits_from_hidden(params: Params, hidden: jax.Array) -> jax.Array:
+    """float32 logits; a tied head reuses the embedding matrix."""
+    if "lm_head" in params:
+        return dense(hidden, params["lm_head"])
+    w = params["embed"]
+    return jnp.einsum("...d,vd->...v", hidden.astype(w.dtype), w, preferred_element_type=jnp.float32)
+
+
+def causal_block_mask(valid: jax.Array) -> jax.Array:
+    """[B, T, T] lower-triangular mask restricted to valid block entries (valid [B, T] bool)."""
+    t = valid.shape[1]
+    return jnp.tril(jnp.ones((t, t), bool))[None] & valid[:, None, :]
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, scale: float = 0.02) -> Params:
+    """Random params (normal * scale, norms at 1): for tests, benchmarks and pretraining."""
+    d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    qkv_out = (cfg.num_heads + 2 * cfg.num_kv_heads) * hd
+    keys = iter(jax.random.split(key, 4 * cfg.num_layers + 2))
+
+    def normal(shape):
+        return (scale * jax.random.normal(next(keys), shape, jnp.float32)).astype(dtype)
+
+    layers = []
+    for _ in range(cfg.num_layers):
+        layer = {"attn_norm": jnp.ones((d,), dtype), "qkv": normal((d, qkv_out)), "o": normal((cfg.num_heads * hd, d)),
+                 "mlp_norm": jnp.ones((d,), dtype), "gate_up": normal((d, 2 * f)), "down": normal((f, d))}
+        if cfg.attention_bias:
+            layer["qkv_bias"] = jnp.zeros((qkv_out,), dtype)
+        layers.append(layer)
+    params = {"embed": normal((cfg.vocab_size, d)), "layers": layers, "norm": jnp.ones((d,), dtype)}
+    if not cfg.tie_word_embeddings:
+        params["lm_head"] = normal((d, cfg.vocab_size))
+    else:
+        next(keys)
+    return params

@@ -1,0 +1,91 @@
+"""Token distributions and the speculative accept/reject rule, shared by every decoding method.
+
+Randomness is indexed by (row, output position): the token at output index n of row b draws from
+`position_keys(row_key[b], n)`, so a row's output never depends on the rest of its batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    """temperature 0 means greedy; top_k 0 and top_p 1 switch those filters off."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def probs(self, logits: jax.Array) -> jax.Array:
+        """float32 probabilities after temperature, top-k and top-p (the same for target and draft)."""
+        logits = logits.astype(jnp.float32) / self.temperature
+        if self.top_k:
+            kth = jax.lax.top_k(logits, self.top_k)[0][..., -1:]
+            logits = jnp.where(logits < kth, -jnp.inf, logits)
+        probs = jax.nn.softmax(logits, axis=-1)
+        if self.top_p < 1.0:
+            sorted_p = jnp.sort(probs, axis=-1)[..., ::-1]
+            before = jnp.cumsum(sorted_p, axis=-1) - sorted_p  # mass strictly above each entry
+            cutoff = jnp.min(jnp.where(before < self.top_p, sorted_p, jnp.inf), axis=-1, keepdims=True)
+            probs = jnp.where(probs >= cutoff, probs, 0.0)
+            probs = probs / probs.sum(-1, keepdims=True)
+        return probs
+
+
+def position_keys(row_keys: jax.Array, index: jax.Array) -> jax.Array:
+    """Per-row key for output index `index` ([B] or [B, n]); split 3-ways into draft/accept/emit keys."""
+    fold = jax.vmap(jax.random.fold_in)
+    if index.ndim == 1:
+        return jax.vmap(lambda k: jax.random.split(k, 3))(fold(row_keys, index))
+    return jax.vmap(lambda k, i: jax.vmap(lambda j: jax.random.split(jax.random.fold_in(k, j), 3))(i))(row_keys, index)
+
+
+def sample(probs: jax.Array, keys: jax.Array) -> jax.Array:
+    """One token per leading index from float32 probs [..., V] with matching keys [..., 2]."""
+    flat_p, flat_k = probs.reshape(-1, probs.shape[-1]), keys.reshape(-1, keys.shape[-1])
+    toks = jax.vmap(lambda k, p: jax.random.categorical(k, jnp.log(p)))(flat_k, flat_p)
+    return toks.reshape(probs.shape[:-1]).astype(jnp.int32)
+
+
+def verify(logits: jax.Array, drafts: jax.Array, draft_probs: jax.Array, n_drafts: jax.Array,
+           sampler: Sampler, keys: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Speculative verification of each row's first n_drafts drafts.
+
+    logits [B, n+1, V]: target logits at the pending token and after each draft;
+    drafts [B, n]; draft_probs [B, n, V] the distributions they were sampled from (unused if greedy);
+    keys [B, n+1, 3, 2] position keys of the draft positions and the one after.
+    Returns (accepted count a [B], next token [B]): the row emits drafts[:a] then next.
+    """
+    n = drafts.shape[1]
+    if n == 0:  # nothing to verify: one exact token
+        if sampler.greedy:
+            return jnp.zeros(logits.shape[:1], jnp.int32), jnp.argmax(logits[:, 0], -1).astype(jnp.int32)
+        return jnp.zeros(logits.shape[:1], jnp.int32), sample(sampler.probs(logits[:, 0]), keys[:, 0, 2])
+    live = jnp.arange(n)[None, :] < n_drafts[:, None]
+    if sampler.greedy:
+        target = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B, n+1]
+        accept = (drafts == target[:, :n]) & live
+        a = jnp.sum(jnp.cumprod(accept, axis=1), axis=1)
+        return a, jnp.take_along_axis(target, a[:, None], 1)[:, 0]
+    p = sampler.probs(logits)  # [B, n+1, V]
+    p_d = jnp.take_along_axis(p[:, :n], drafts[..., None], 2)[..., 0]
+    q_d = jnp.take_along_axis(draft_probs, drafts[..., None], 2)[..., 0]
+    u = jax.vmap(jax.vmap(lambda k: jax.random.uniform(k)))(keys[:, :n, 1])
+    accept = (u * q_d < p_d) & live
+    a = jnp.sum(jnp.cumprod(accept, axis=1), axis=1)
+    p_a = jnp.take_along_axis(p, a[:, None, None], 1)[:, 0]
+    q_pad = jnp.concatenate([draft_probs, jnp.zeros_like(p[:, :1])], axis=1)
+    q_a = jnp.take_along_axis(q_pad, a[:, None, None], 1)[:, 0]
+    rejected = (a < n_drafts)[:, None]
+    residual = jnp.where(rejected, jnp.maximum(p_a - q_a, 0.0), p_a)
+    residual = jnp.where(residual.sum(-1, keepdims=True) > 0, residual, p_a)
+    emit_keys = jnp.take_along_axis(keys[:, :, 2], a[:, None, None], 1)[:, 0]
+    return a, sample(residual / residual.sum(-1, keepdims=True), emit_keys)
