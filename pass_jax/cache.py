@@ -30,13 +30,13 @@ class KVCache:
         return self.keys[0].shape[1]
 
     @classmethod
-    def create(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
+    def create(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
         shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
         zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
         return cls(keys=zeros, values=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
                    lengths=jnp.zeros((batch,), jnp.int32))
 
-    def commit(self, counts: jax.Array) -> "KVCache":
+    def commit(self, counts: jax.Array) -> KVCache:
         """Advance each row's length by counts[b] (entries already written by the last pass)."""
         return self.replace(lengths=self.lengths + counts.astype(jnp.int32))
 

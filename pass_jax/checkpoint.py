@@ -59,7 +59,7 @@ def load_lookahead(path: str | os.PathLike, model):
     try:
         with ocp.StandardCheckpointer() as ckpt:
             la = ckpt.restore(path / "state")["lookahead"]
-    except Exception as e:  # orbax raises many kinds on damaged files
+    except Exception as e:  # noqa: BLE001 -- orbax raises many kinds on damaged files
         raise ConfigError(f"cannot read look-ahead checkpoint {str(path)!r}: {type(e).__name__}: {e}") from None
     if tuple(la.shape) != (meta["k"], meta["d_model"]):
         raise ConfigError(f"look-ahead checkpoint {str(path)!r} is corrupt: shape {la.shape} != metadata")

@@ -55,7 +55,7 @@ class ModelConfig:
         return v * d * (1 if self.tie_word_embeddings else 2) + self.num_layers * layer + d
 
     @classmethod
-    def from_hf_dict(cls, hf: dict[str, Any]) -> "ModelConfig":
+    def from_hf_dict(cls, hf: dict[str, Any]) -> ModelConfig:
         """Validate a Hugging Face config.json dict and keep what the JAX model needs."""
         archs = hf.get("architectures") or []
         arch = archs[0] if archs else _MODEL_TYPES.get(hf.get("model_type", ""))

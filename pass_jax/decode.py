@@ -32,7 +32,7 @@ class DecodeSpec:
     method: str = "ar"
     k: int = 0
     variant: str = "fused"
-    sampler: Sampler = Sampler()
+    sampler: Sampler = dataclasses.field(default_factory=Sampler)
     max_new_tokens: int = 32
     eos_ids: tuple[int, ...] = ()
 
@@ -174,10 +174,10 @@ def decode(params, cfg: ModelConfig, spec: DecodeSpec, lookahead, prompts, promp
         return _round(params, cfg, spec, lookahead, row_keys, st, drafts, la)
 
     if spec.method == "ar":
-        body = lambda st: step(st, False, False)  # noqa: E731
+        body = lambda st: step(st, False, False)
     elif spec.variant == "paper":
-        body = lambda st: step(step(st, False, True), True, False)  # noqa: E731
+        body = lambda st: step(step(st, False, True), True, False)
     else:  # fused: skip the draft slots whenever no live row holds drafts (e.g. untrained look-ahead)
-        body = lambda st: jax.lax.cond(jnp.any((st.n_drafts > 0) & ~st.done),  # noqa: E731
+        body = lambda st: jax.lax.cond(jnp.any((st.n_drafts > 0) & ~st.done),
                                        lambda s: step(s, True, True), lambda s: step(s, False, True), st)
     return jax.lax.while_loop(lambda st: ~jnp.all(st.done), body, state)
