@@ -1,0 +1,115 @@
+"""Tiny randomly initialised Hugging Face checkpoints, built locally (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest
+
+ARCHS = {
+    # GQA, untied head
+    "llama": {
+        "cls": "LlamaForCausalLM",
+        "vocab_size": 97,
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "tie_word_embeddings": False,
+    },
+    # tied head, Llama-3 rope scaling (small original context so the scaling bites)
+    "llama3": {
+        "cls": "LlamaForCausalLM",
+        "vocab_size": 89,
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "tie_word_embeddings": True,
+        "rope_theta": 500000.0,
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
+    },
+    # GQA with a sliding window shorter than the test sequences
+    "mistral": {
+        "cls": "MistralForCausalLM",
+        "vocab_size": 101,
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 1,
+        "sliding_window": 8,
+    },
+    # q/k/v biases, GQA
+    "qwen2": {
+        "cls": "Qwen2ForCausalLM",
+        "vocab_size": 83,
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+    },
+}
+
+
+def build_hf_model(kind: str, seed: int = 0, **overrides):
+    """A randomly initialised transformers model of one of ARCHS (eager attention, float32, eval mode)."""
+    import torch
+    import transformers
+
+    spec = {**ARCHS[kind], **overrides}
+    cls = getattr(transformers, spec.pop("cls"))
+    config_cls = getattr(transformers, cls.__name__.replace("ForCausalLM", "Config"))
+    config = config_cls(bos_token_id=None, eos_token_id=None, pad_token_id=None, **spec)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = cls(config).eval()
+    if kind == "qwen2":  # HF initialises biases to zero; make them matter
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.5)
+    return model
+
+
+@pytest.fixture(scope="session")
+def hf_dirs(tmp_path_factory):
+    """kind -> (torch model, saved directory) for every architecture in ARCHS."""
+    out = {}
+    for kind in ARCHS:
+        model = build_hf_model(kind)
+        path = tmp_path_factory.mktemp(kind)
+        model.save_pretrained(path)
+        out[kind] = (model, str(path))
+    return out
+
+
+def tiny_model(vocab=32, hidden=32, layers=1, heads=2, kv_heads=1, seed=0, scale=0.5, **kw):
+    """A random pass-jax Model with no tokenizer; a large init scale makes its outputs far from uniform."""
+    import jax
+
+    from pass_jax import Model, ModelConfig
+    from pass_jax.model import init_params
+
+    cfg = ModelConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=hidden // heads,
+        **kw,
+    )
+    return Model(cfg, init_params(cfg, jax.random.key(seed), scale=scale))

@@ -1,0 +1,105 @@
+"""Bad input gets a clear error before any compute, never a silent wrong answer or an XLA trace."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+import pass_jax as pj
+
+from .conftest import tiny_model
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(pj.ConfigError, match="does not exist"):
+        pj.load_model(tmp_path / "nope")
+
+
+def test_missing_config(tmp_path):
+    with pytest.raises(pj.ConfigError, match="no config.json"):
+        pj.load_model(tmp_path)
+
+
+def test_garbled_config(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(pj.ConfigError, match="not valid JSON"):
+        pj.load_model(tmp_path)
+
+
+def test_config_missing_fields(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "vocab_size": 10}))
+    with pytest.raises(pj.ConfigError, match="lacks required fields: hidden_size"):
+        pj.load_model(tmp_path)
+
+
+@pytest.mark.parametrize("arch", ["GPT2LMHeadModel", "GemmaForCausalLM"])
+def test_unknown_architecture(tmp_path, arch):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": [arch], "vocab_size": 10}))
+    with pytest.raises(pj.ConfigError, match=f"unsupported architecture '{arch}'"):
+        pj.load_model(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "feature,msg",
+    [
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"mlp_bias": True}, "mlp_bias"),
+        ({"rope_parameters": {"rope_type": "yarn", "factor": 2.0}}, "yarn"),
+    ],
+)
+def test_unsupported_config_feature(hf_dirs, tmp_path, feature, msg):
+    cfg = json.loads(Path(hf_dirs["llama"][1], "config.json").read_text())
+    cfg.update(feature)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(pj.ConfigError, match=msg):
+        pj.load_model(tmp_path)
+
+
+def test_missing_or_corrupt_weights(hf_dirs, tmp_path):
+    cfg = Path(hf_dirs["llama"][1], "config.json").read_text()
+    (tmp_path / "config.json").write_text(cfg)
+    with pytest.raises(pj.ConfigError, match="lacks weight file model.safetensors"):
+        pj.load_model(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"\x00" * 100)
+    with pytest.raises(pj.ConfigError, match="cannot read"):
+        pj.load_model(tmp_path)
+
+
+def test_prompt_longer_than_cache():
+    m = tiny_model()
+    with pytest.raises(pj.CacheOverflowError, match="KV cache holds 32 entries"):
+        pj.generate(m, [list(range(30))], max_new_tokens=4, max_len=32)
+
+
+def test_max_new_tokens_overflowing_cache():
+    m = tiny_model()
+    with pytest.raises(pj.CacheOverflowError, match="max_new_tokens 100"):
+        pj.generate(m, [[1, 2, 3]], max_new_tokens=100, max_len=64)
+    with pytest.raises(pj.CacheOverflowError):  # PaSS needs room for its draft and look-ahead block too
+        pj.generate(m, [[1, 2, 3]], max_new_tokens=40, max_len=48, method="pass", k=8)
+
+
+@pytest.mark.parametrize(
+    "bad,msg",
+    [([[]], "empty prompt"), ([], "no prompts"), ([[1, 99]], "outside the vocabulary"), ("text", "no tokenizer")],
+)
+def test_bad_prompts(bad, msg):
+    with pytest.raises(ValueError, match=msg):
+        pj.generate(tiny_model(), bad, max_new_tokens=2)
+
+
+@pytest.mark.parametrize(
+    "kwargs,msg",
+    [
+        ({"method": "pass", "k": 0}, "1..16"),
+        ({"method": "pass", "k": 17}, "1..16"),
+        ({"method": "beam"}, "method"),
+        ({"max_new_tokens": 0}, "positive"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"method": "pass", "k": 2, "lookahead": [[0.0] * 5] * 2}, "shape"),
+    ],
+)
+def test_bad_generation_arguments(kwargs, msg):
+    with pytest.raises(ValueError, match=msg):
+        pj.generate(tiny_model(), [[1, 2]], **kwargs)
