@@ -173,11 +173,14 @@ def decode(params, cfg: ModelConfig, spec: DecodeSpec, lookahead, prompts, promp
     def step(st, drafts, la):
         return _round(params, cfg, spec, lookahead, row_keys, st, drafts, la)
 
-    if spec.method == "ar":
-        body = lambda st: step(st, False, False)
-    elif spec.variant == "paper":
-        body = lambda st: step(step(st, False, True), True, False)
-    else:  # fused: skip the draft slots whenever no live row holds drafts (e.g. untrained look-ahead)
-        body = lambda st: jax.lax.cond(jnp.any((st.n_drafts > 0) & ~st.done),
-                                       lambda s: step(s, True, True), lambda s: step(s, False, True), st)
+    def body(st):
+        if spec.method == "ar":
+            return step(st, False, False)
+        if spec.variant == "paper":  # the previous pass drafted: validate, then draft unless every row is done
+            st = step(st, True, False)
+            return jax.lax.cond(jnp.all(st.done), lambda s: s, lambda s: step(s, False, True), st)
+        # fused: skip the draft slots whenever no live row holds drafts (e.g. untrained look-ahead)
+        return jax.lax.cond(jnp.any((st.n_drafts > 0) & ~st.done),
+                            lambda s: step(s, True, True), lambda s: step(s, False, True), st)
+
     return jax.lax.while_loop(lambda st: ~jnp.all(st.done), body, state)

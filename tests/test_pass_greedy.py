@@ -1,0 +1,145 @@
+"""PaSS greedy decoding is token-identical to autoregressive greedy decoding."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import pass_jax as pj
+from pass_jax.decode import DecodeSpec, _prefill, _round
+
+from .conftest import tiny_model
+
+PROMPTS = [[1, 2, 3], [4, 5, 6, 0, 1, 2, 3, 4, 5, 6, 1], [2], [6, 6, 6, 6, 6, 1]]
+
+
+def _eos_inside_budget(model, prompts, budget):
+    """A token that autoregressive decoding emits mid-way through row 0: EOS must stop rows there."""
+    ar = pj.generate(model, prompts, max_new_tokens=budget, eos_token_id=())
+    return ar.token_ids[0][budget // 3]
+
+
+@pytest.fixture(scope="module")
+def small_vocab_model():
+    # 7 tokens: random drafts are often right, so acceptances, partial and full, happen all the time
+    return tiny_model(vocab=7, hidden=32, layers=2, heads=4, kv_heads=2, scale=0.6)
+
+
+@pytest.mark.parametrize("k", [1, 2, 4, 6, 8])
+@pytest.mark.parametrize("variant", ["fused", "paper"])
+def test_greedy_pass_equals_autoregressive(small_vocab_model, k, variant):
+    m = small_vocab_model
+    eos = _eos_inside_budget(m, PROMPTS, 40)
+    ar = pj.generate(m, PROMPTS, max_new_tokens=40, eos_token_id=eos)
+    assert any(len(t) < 40 for t in ar.token_ids), "EOS should stop some row inside the budget"
+    accepted = 0.0
+    for how in ("token", "random"):
+        la = pj.init_lookahead(m.params, k, how, token_id=3, key=jax.random.key(k))
+        ps = pj.generate(m, PROMPTS, max_new_tokens=40, eos_token_id=eos, method="pass", k=k, lookahead=la,
+                         variant=variant)
+        assert ps.token_ids == ar.token_ids
+        passes = ps.stats["row_forward_passes"]
+        assert all(p <= len(t) for p, t in zip(passes, ps.token_ids)), "more passes than tokens"
+        accepted = max(accepted, *ps.stats["acceptance_by_position"])
+    assert accepted > 0, "the test should exercise accepted drafts"
+
+
+def test_greedy_pass_equals_autoregressive_on_hf_checkpoint(hf_dirs):
+    m = pj.load_model(hf_dirs["mistral"][1])  # sliding window 8 < sequence lengths
+    prompts = [[5, 17, 3], list(range(20, 34)), [9]]
+    ar = pj.generate(m, prompts, max_new_tokens=24, eos_token_id=())
+    for k in (2, 6):
+        assert pj.generate(m, prompts, max_new_tokens=24, eos_token_id=(), method="pass", k=k).token_ids == ar.token_ids
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(vocab=st.integers(3, 40), layers=st.integers(1, 2), kv_heads=st.sampled_from([1, 2, 4]),
+       k=st.integers(1, 8), variant=st.sampled_from(["fused", "paper"]), seed=st.integers(0, 2**16),
+       prompts=st.lists(st.lists(st.integers(0, 2), min_size=1, max_size=12), min_size=1, max_size=3),
+       budget=st.integers(1, 24))
+def test_property_greedy_pass_is_lossless(vocab, layers, kv_heads, k, variant, seed, prompts, budget):
+    m = tiny_model(vocab=vocab, hidden=32, layers=layers, heads=4, kv_heads=kv_heads, seed=seed, scale=0.7)
+    la = pj.init_lookahead(m.params, k, "random", key=jax.random.key(seed))
+    ar = pj.generate(m, prompts, max_new_tokens=budget, eos_token_id=())
+    ps = pj.generate(m, prompts, max_new_tokens=budget, eos_token_id=(), method="pass", k=k, lookahead=la,
+                     variant=variant)
+    assert ps.token_ids == ar.token_ids
+    assert all(len(t) == budget for t in ps.token_ids)
+
+
+def test_cache_lengths_after_every_round(small_vocab_model):
+    """Drive the fused loop round by round: committed entries = prompt + emitted - 1 (the pending token)."""
+    m, k = small_vocab_model, 4
+    prompts = [[1, 2, 3], [4, 5, 6, 0, 1, 2, 3]]
+    ar = pj.generate(m, prompts, max_new_tokens=30, eos_token_id=()).token_ids
+    spec = DecodeSpec("pass", k, "fused", pj.Sampler(), 30, ())
+    la = pj.init_lookahead(m.params, k, "random", key=jax.random.key(0))
+    padded = jnp.asarray([p + [0] * (16 - len(p)) for p in prompts])
+    lens = jnp.asarray([len(p) for p in prompts])
+    keys = jnp.zeros((2, 2), jnp.uint32)
+    state = jax.jit(functools.partial(_prefill, cfg=m.config, spec=spec, max_len=64), static_argnames=())(
+        m.params, lookahead=la, row_keys=keys, prompts=padded, prompt_lens=lens)
+    rounds = {flags: jax.jit(functools.partial(_round, cfg=m.config, spec=spec, use_drafts=flags[0],
+                                               use_la=flags[1])) for flags in [(True, True), (False, True)]}
+    seen_partial = False
+    while not bool(state.done.all()):
+        before = np.asarray(state.out_len)
+        flags = (True, True) if bool((state.n_drafts > 0).any()) else (False, True)
+        state = rounds[flags](m.params, lookahead=la, row_keys=keys, state=state)
+        out_len, lengths = np.asarray(state.out_len), np.asarray(state.cache.lengths)
+        np.testing.assert_array_equal(lengths, np.asarray(lens) + out_len - 1)
+        for row in range(2):
+            assert np.asarray(state.out)[row, :out_len[row]].tolist() == ar[row][:out_len[row]]
+            gained = out_len[row] - before[row]
+            seen_partial |= 1 < gained < k + 1
+    assert seen_partial, "the test should see rounds that accepted some but not all drafts"
+
+
+def test_rows_do_not_depend_on_each_other():
+    m = tiny_model(vocab=9, scale=0.6)
+    la = pj.init_lookahead(m.params, 3, "random", key=jax.random.key(1))
+    for temperature in (0.0, 1.0):
+        kw = dict(max_new_tokens=20, eos_token_id=(4,), method="pass", k=3, lookahead=la, temperature=temperature,
+                  seed=5)
+        a = pj.generate(m, [[1, 2], [3, 3, 3, 3, 3, 3, 3], [5]], **kw).token_ids
+        b = pj.generate(m, [[1, 2], [8], [5, 6, 7, 8, 0, 1, 2, 3]], **kw).token_ids
+        assert a[0] == b[0]
+
+
+def _constant_model(vocab=11):
+    """A model whose every output is the same distribution: look-ahead drafts are always right."""
+    m = tiny_model(vocab=vocab, layers=2)
+    params = jax.tree.map(lambda x: x, m.params)
+    params["embed"] = jnp.tile(params["embed"][:1], (vocab, 1))
+    for layer in params["layers"]:
+        layer["o"] = jnp.zeros_like(layer["o"])
+        layer["down"] = jnp.zeros_like(layer["down"])
+    return pj.Model(m.config, params)
+
+
+def _ceiling_passes(variant, k, n):
+    """Forward passes to emit n tokens when every draft is accepted."""
+    passes, tokens = 1, 1  # the prefill drafts and emits one token
+    while tokens < n:
+        passes += 1
+        tokens += k + 1  # a verification pass accepts all k drafts plus one
+        if variant == "paper" and tokens < n:
+            passes += 1
+            tokens += 1  # the paper's drafting pass emits one token
+    return passes
+
+
+@pytest.mark.parametrize("variant", ["fused", "paper"])
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_perfect_drafts_reach_the_ceiling(variant, k):
+    m = _constant_model()
+    r = pj.generate(m, [[1, 2, 3], [4]], max_new_tokens=40, eos_token_id=(), method="pass", k=k, variant=variant)
+    assert r.token_ids == pj.generate(m, [[1, 2, 3], [4]], max_new_tokens=40, eos_token_id=()).token_ids
+    assert r.stats["row_forward_passes"] == [_ceiling_passes(variant, k, 40)] * 2
+    assert r.stats["acceptance_by_position"] == [1.0] * k
+    per_round = k + 1 if variant == "fused" else (k + 2) / 2
+    assert r.stats["tokens_per_forward"] == pytest.approx(per_round, rel=0.25)
