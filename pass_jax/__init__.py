@@ -2,7 +2,7 @@
 
 from .cache import CacheOverflowError, KVCache
 from .config import ConfigError, ModelConfig
-from .generate import GenerationResult, Model, generate, load_model, save_model, untrained_lookahead
+from .api import GenerationResult, Model, generate, load_model, save_model, untrained_lookahead
 from .lookahead import init_lookahead
 from .sampling import Sampler
 
