@@ -1,8 +1,8 @@
 """pass-jax: Parallel Speculative Sampling (PaSS) for LLaMA-family models in JAX."""
 
+from .api import GenerationResult, Model, generate, load_model, save_model, untrained_lookahead
 from .cache import CacheOverflowError, KVCache
 from .config import ConfigError, ModelConfig
-from .api import GenerationResult, Model, generate, load_model, save_model, untrained_lookahead
 from .lookahead import init_lookahead
 from .sampling import Sampler
 

@@ -99,12 +99,14 @@ def _round_up(n: int, m: int) -> int:
 _COMPILED: dict = {}
 
 
-def _compiled(model: Model, spec: DecodeSpec, args, max_len: int):
-    key = (model.config, spec, max_len, jax.tree.map(lambda x: (x.shape, x.dtype), args))
+def _compiled(model: Model, spec: DecodeSpec, args, max_len: int, draft: Model | None):
+    draft_params, draft_cfg = (draft.params, draft.config) if draft is not None else (None, None)
+    leaves, tree = jax.tree.flatten((model.params, args, draft_params))
+    key = (model.config, spec, max_len, draft_cfg, tree, tuple((x.shape, str(x.dtype)) for x in leaves))
     if key not in _COMPILED:
-        fn = jax.jit(decode, static_argnums=(1, 2, 7))
+        fn = jax.jit(decode, static_argnums=(1, 2, 7, 9))
         t0 = time.perf_counter()
-        exe = fn.lower(model.params, model.config, spec, *args, max_len).compile()
+        exe = fn.lower(model.params, model.config, spec, *args, max_len, draft_params, draft_cfg).compile()
         _COMPILED[key] = (exe, time.perf_counter() - t0)
         return exe, _COMPILED[key][1]
     return _COMPILED[key][0], 0.0
@@ -113,12 +115,13 @@ def _compiled(model: Model, spec: DecodeSpec, args, max_len: int):
 def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]], *, max_new_tokens: int = 64,
              method: str = "ar", k: int = 4, lookahead=None, variant: str = "fused", temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_token_id: int | Sequence[int] | None = None,
-             max_len: int | None = None) -> GenerationResult:
+             max_len: int | None = None, draft_model: Model | None = None) -> GenerationResult:
     """Generate `max_new_tokens` per prompt (fewer where a row meets EOS).
 
     method "ar" is plain autoregressive decoding; "pass" drafts k tokens per forward pass with the
     look-ahead embeddings `lookahead` ([k, d_model]; None = untrained baseline) and verifies them
-    losslessly. temperature 0 is greedy. eos_token_id None takes the model's; () disables EOS stops.
+    losslessly; "speculative" is classic two-model speculative sampling with `draft_model` (same
+    vocabulary) proposing k tokens. temperature 0 is greedy. eos_token_id None takes the model's; () disables EOS stops.
     max_len is the KV cache size (default: just what the request needs).
     """
     if method not in METHODS:
@@ -135,8 +138,18 @@ def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]
         lookahead = untrained_lookahead(model, k) if lookahead is None else jnp.asarray(lookahead, jnp.float32)
         if lookahead.shape != (k, cfg.hidden_size):
             raise ValueError(f"look-ahead embeddings have shape {lookahead.shape}, expected ({k}, {cfg.hidden_size})")
+    elif method == "speculative":
+        check_k(k)
+        if draft_model is None:
+            raise ValueError("method 'speculative' needs a draft_model")
+        if draft_model.config.vocab_size != cfg.vocab_size:
+            raise ValueError(f"the draft model's vocabulary ({draft_model.config.vocab_size}) differs from the "
+                             f"target's ({cfg.vocab_size}): speculative sampling needs the same tokenizer")
+        lookahead = jnp.zeros((0, cfg.hidden_size), jnp.float32)
     else:
         k, lookahead = 0, jnp.zeros((0, cfg.hidden_size), jnp.float32)
+    if method != "speculative":
+        draft_model = None
     if eos_token_id is None:
         eos = set(cfg.eos_token_ids)
         if model.tokenizer is not None and model.tokenizer.eos_token_id is not None:
@@ -160,9 +173,9 @@ def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]
     for i, p in enumerate(ids):
         padded[i, :len(p)] = p
     args = (lookahead, jnp.asarray(padded), jnp.asarray(lens, jnp.int32), jnp.int32(seed))
-    exe, compile_s = _compiled(model, spec, args, max_len)
+    exe, compile_s = _compiled(model, spec, args, max_len, draft_model)
     t0 = time.perf_counter()
-    state = jax.block_until_ready(exe(model.params, *args))
+    state = jax.block_until_ready(exe(model.params, *args, draft_model.params if draft_model else None))
     seconds = time.perf_counter() - t0
     out, out_len = np.asarray(state.out), np.asarray(state.out_len)
     token_ids = [out[i, :out_len[i]].tolist() for i in range(len(ids))]

@@ -18,10 +18,10 @@ from flax import struct
 
 from .cache import KVCache, write_block
 from .config import ModelConfig
-from .model import embed_tokens, forward, logits_from_hidden
+from .model import causal_block_mask, embed_tokens, forward, logits_from_hidden
 from .sampling import Sampler, position_keys, sample, verify
 
-METHODS = ("ar", "pass")
+METHODS = ("ar", "pass", "speculative")
 VARIANTS = ("fused", "paper")
 
 
@@ -39,7 +39,7 @@ class DecodeSpec:
     @property
     def block_tokens(self) -> int:
         """Largest block a round writes into the cache beyond the committed entries."""
-        return 1 + (2 * self.k if self.method == "pass" else 0)
+        return 1 + {"ar": 0, "pass": 2 * self.k, "speculative": self.k}[self.method]
 
 
 @struct.dataclass
@@ -56,6 +56,7 @@ class DecodeState:
     calls: jax.Array  # scalar: batched forward passes
     accepted: jax.Array  # [k] rounds in which drafts 1..j+1 were all accepted
     draft_rounds: jax.Array  # scalar: (row, round) pairs that verified drafts
+    draft_cache: KVCache | None = None  # the draft model's cache (two-model speculative sampling only)
 
 
 def block_layout(lengths, n_drafts, n_tok: int, n_la: int):
@@ -74,8 +75,8 @@ def block_layout(lengths, n_drafts, n_tok: int, n_la: int):
     return lengths[:, None] + offset, mask
 
 
-def _la_drafts(logits, spec: DecodeSpec, row_keys, first_index):
-    """Drafts (and their distributions) from the look-ahead outputs, for output indices first_index + i."""
+def _drafts_from_logits(logits, spec: DecodeSpec, row_keys, first_index):
+    """Drafts (and the distributions they were drawn from) for output indices first_index + i."""
     if spec.sampler.greedy:
         drafts = jnp.argmax(logits, -1).astype(jnp.int32)
         return drafts, jnp.zeros(drafts.shape + (1,), jnp.float32)
@@ -128,7 +129,7 @@ def _round(params, cfg: ModelConfig, spec: DecodeSpec, lookahead, row_keys, stat
         draft_rounds=state.draft_rounds + with_drafts.sum(),
     )
     if use_la:
-        new, q = _la_drafts(logits[:, n_tok:], spec, row_keys, state.out_len + a + 1)
+        new, q = _drafts_from_logits(logits[:, n_tok:], spec, row_keys, state.out_len + a + 1)
         state = state.replace(drafts=new, draft_probs=q, n_drafts=jnp.where(a == n_drafts, k, 0))
     else:
         state = state.replace(n_drafts=jnp.zeros_like(n_drafts))
@@ -152,23 +153,55 @@ def _prefill(params, cfg: ModelConfig, spec: DecodeSpec, lookahead, row_keys, pr
     zero = jnp.zeros((b,), jnp.int32)
     keys = position_keys(row_keys, zero[:, None])
     _, first = verify(logits, prompts[:, :0], jnp.zeros((b, 0, 1)), zero, spec.sampler, keys)
-    v = cfg.vocab_size if not spec.sampler.greedy and use_la else 1
+    v = cfg.vocab_size if not spec.sampler.greedy and spec.method != "ar" else 1
     state = DecodeState(
         cache=cache, pending=first, drafts=jnp.zeros((b, k), jnp.int32), draft_probs=jnp.zeros((b, k, v)),
         n_drafts=zero, out=jnp.zeros((b, spec.max_new_tokens + spec.block_tokens + 1), jnp.int32), out_len=zero,
         done=jnp.zeros((b,), bool), row_passes=zero, calls=jnp.int32(0), accepted=jnp.zeros((k,), jnp.int32),
         draft_rounds=jnp.int32(0))
     if use_la:
-        new, q = _la_drafts(logits_from_hidden(params, hidden[:, tp:]), spec, row_keys, jnp.ones((b,), jnp.int32))
+        new, q = _drafts_from_logits(logits_from_hidden(params, hidden[:, tp:]), spec, row_keys, jnp.ones((b,), jnp.int32))
         state = state.replace(drafts=new, draft_probs=q.astype(jnp.float32), n_drafts=jnp.full((b,), k, jnp.int32))
     return _emit(state, spec, first[:, None], jnp.ones_like(zero), prompt_lens, first)
 
 
-def decode(params, cfg: ModelConfig, spec: DecodeSpec, lookahead, prompts, prompt_lens, seed, max_len: int):
-    """Generate for a padded batch of prompts [B, Tp] (lengths [B]); jit with cfg, spec, max_len static."""
+def _draft_with_model(params, cfg: ModelConfig, spec: DecodeSpec, row_keys, state: DecodeState) -> DecodeState:
+    """Two-model speculative sampling: the draft model proposes k tokens, one pass each.
+
+    It also consumes its k-th draft (k+1 passes), so its cache holds every token the target may
+    accept; after verification its lengths are reset to the target's.
+    """
+    b, k = state.pending.shape[0], spec.k
+    ones = jnp.ones((b, 1, 1), bool)
+
+    def one(i, carry):
+        cache, token, drafts, probs = carry
+        hidden, cache = forward(params, cfg, embed_tokens(params, token[:, None]), cache.lengths[:, None], ones, cache)
+        new, q = _drafts_from_logits(logits_from_hidden(params, hidden), spec, row_keys, state.out_len + i)
+        drafts = jax.lax.dynamic_update_slice_in_dim(drafts, new, jnp.minimum(i, k - 1), 1)
+        probs = jax.lax.dynamic_update_slice_in_dim(probs, q.astype(probs.dtype), jnp.minimum(i, k - 1), 1)
+        keep = i < k  # the extra pass only writes the last draft into the cache
+        return cache.commit(jnp.ones((b,), jnp.int32)), jnp.where(keep, new[:, 0], token), \
+            jnp.where(keep, drafts, carry[2]), jnp.where(keep, probs, carry[3])
+
+    cache, _, drafts, probs = jax.lax.fori_loop(0, k + 1, one, (state.draft_cache, state.pending, state.drafts,
+                                                               state.draft_probs))
+    return state.replace(draft_cache=cache, drafts=drafts, draft_probs=probs, n_drafts=jnp.full((b,), k, jnp.int32))
+
+
+def decode(params, cfg: ModelConfig, spec: DecodeSpec, lookahead, prompts, prompt_lens, seed, max_len: int,
+           draft_params=None, draft_cfg: ModelConfig | None = None):
+    """Generate for a padded batch of prompts [B, Tp] (lengths [B]); jit with cfg, spec, max_len, draft_cfg static."""
     row_keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.arange(prompts.shape[0]))
     row_keys = jax.random.key_data(row_keys)
     state = _prefill(params, cfg, spec, lookahead, row_keys, prompts, prompt_lens, max_len)
+    if spec.method == "speculative":
+        b, tp = prompts.shape
+        _, draft_cache = forward(draft_params, draft_cfg, embed_tokens(draft_params, prompts),
+                                 jnp.broadcast_to(jnp.arange(tp), (b, tp)),
+                                 causal_block_mask(jnp.ones((b, tp), bool)),
+                                 KVCache.create(draft_cfg, b, max_len, draft_params["embed"].dtype))
+        state = state.replace(draft_cache=draft_cache.replace(lengths=state.cache.lengths))
 
     def step(st, drafts, la):
         return _round(params, cfg, spec, lookahead, row_keys, st, drafts, la)
@@ -176,6 +209,9 @@ def decode(params, cfg: ModelConfig, spec: DecodeSpec, lookahead, prompts, promp
     def body(st):
         if spec.method == "ar":
             return step(st, False, False)
+        if spec.method == "speculative":
+            st = step(_draft_with_model(draft_params, draft_cfg, spec, row_keys, st), True, False)
+            return st.replace(draft_cache=st.draft_cache.replace(lengths=st.cache.lengths))
         if spec.variant == "paper":  # the previous pass drafted: validate, then draft unless every row is done
             st = step(st, True, False)
             return jax.lax.cond(jnp.all(st.done), lambda s: s, lambda s: step(s, False, True), st)

@@ -39,8 +39,9 @@ def test_greedy_pass_equals_autoregressive(small_vocab_model, k, variant):
     accepted = 0.0
     for how in ("token", "random"):
         la = pj.init_lookahead(m.params, k, how, token_id=3, key=jax.random.key(k))
-        ps = pj.generate(m, PROMPTS, max_new_tokens=40, eos_token_id=eos, method="pass", k=k, lookahead=la,
-                         variant=variant)
+        ps = pj.generate(
+            m, PROMPTS, max_new_tokens=40, eos_token_id=eos, method="pass", k=k, lookahead=la, variant=variant
+        )
         assert ps.token_ids == ar.token_ids
         passes = ps.stats["row_forward_passes"]
         assert all(p <= len(t) for p, t in zip(passes, ps.token_ids)), "more passes than tokens"
@@ -57,16 +58,23 @@ def test_greedy_pass_equals_autoregressive_on_hf_checkpoint(hf_dirs):
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(vocab=st.integers(3, 40), layers=st.integers(1, 2), kv_heads=st.sampled_from([1, 2, 4]),
-       k=st.integers(1, 8), variant=st.sampled_from(["fused", "paper"]), seed=st.integers(0, 2**16),
-       prompts=st.lists(st.lists(st.integers(0, 2), min_size=1, max_size=12), min_size=1, max_size=3),
-       budget=st.integers(1, 24))
+@given(
+    vocab=st.integers(3, 40),
+    layers=st.integers(1, 2),
+    kv_heads=st.sampled_from([1, 2, 4]),
+    k=st.integers(1, 8),
+    variant=st.sampled_from(["fused", "paper"]),
+    seed=st.integers(0, 2**16),
+    prompts=st.lists(st.lists(st.integers(0, 2), min_size=1, max_size=12), min_size=1, max_size=3),
+    budget=st.integers(1, 24),
+)
 def test_property_greedy_pass_is_lossless(vocab, layers, kv_heads, k, variant, seed, prompts, budget):
     m = tiny_model(vocab=vocab, hidden=32, layers=layers, heads=4, kv_heads=kv_heads, seed=seed, scale=0.7)
     la = pj.init_lookahead(m.params, k, "random", key=jax.random.key(seed))
     ar = pj.generate(m, prompts, max_new_tokens=budget, eos_token_id=())
-    ps = pj.generate(m, prompts, max_new_tokens=budget, eos_token_id=(), method="pass", k=k, lookahead=la,
-                     variant=variant)
+    ps = pj.generate(
+        m, prompts, max_new_tokens=budget, eos_token_id=(), method="pass", k=k, lookahead=la, variant=variant
+    )
     assert ps.token_ids == ar.token_ids
     assert all(len(t) == budget for t in ps.token_ids)
 
@@ -82,9 +90,12 @@ def test_cache_lengths_after_every_round(small_vocab_model):
     lens = jnp.asarray([len(p) for p in prompts])
     keys = jnp.zeros((2, 2), jnp.uint32)
     state = jax.jit(functools.partial(_prefill, cfg=m.config, spec=spec, max_len=64), static_argnames=())(
-        m.params, lookahead=la, row_keys=keys, prompts=padded, prompt_lens=lens)
-    rounds = {flags: jax.jit(functools.partial(_round, cfg=m.config, spec=spec, use_drafts=flags[0],
-                                               use_la=flags[1])) for flags in [(True, True), (False, True)]}
+        m.params, lookahead=la, row_keys=keys, prompts=padded, prompt_lens=lens
+    )
+    rounds = {
+        flags: jax.jit(functools.partial(_round, cfg=m.config, spec=spec, use_drafts=flags[0], use_la=flags[1]))
+        for flags in [(True, True), (False, True)]
+    }
     seen_partial = False
     while not bool(state.done.all()):
         before = np.asarray(state.out_len)
@@ -93,7 +104,7 @@ def test_cache_lengths_after_every_round(small_vocab_model):
         out_len, lengths = np.asarray(state.out_len), np.asarray(state.cache.lengths)
         np.testing.assert_array_equal(lengths, np.asarray(lens) + out_len - 1)
         for row in range(2):
-            assert np.asarray(state.out)[row, :out_len[row]].tolist() == ar[row][:out_len[row]]
+            assert np.asarray(state.out)[row, : out_len[row]].tolist() == ar[row][: out_len[row]]
             gained = out_len[row] - before[row]
             seen_partial |= 1 < gained < k + 1
     assert seen_partial, "the test should see rounds that accepted some but not all drafts"
@@ -103,8 +114,15 @@ def test_rows_do_not_depend_on_each_other():
     m = tiny_model(vocab=9, scale=0.6)
     la = pj.init_lookahead(m.params, 3, "random", key=jax.random.key(1))
     for temperature in (0.0, 1.0):
-        kw = dict(max_new_tokens=20, eos_token_id=(4,), method="pass", k=3, lookahead=la, temperature=temperature,
-                  seed=5)
+        kw = {
+            "max_new_tokens": 20,
+            "eos_token_id": (4,),
+            "method": "pass",
+            "k": 3,
+            "lookahead": la,
+            "temperature": temperature,
+            "seed": 5,
+        }
         a = pj.generate(m, [[1, 2], [3, 3, 3, 3, 3, 3, 3], [5]], **kw).token_ids
         b = pj.generate(m, [[1, 2], [8], [5, 6, 7, 8, 0, 1, 2, 3]], **kw).token_ids
         assert a[0] == b[0]
@@ -143,3 +161,19 @@ def test_perfect_drafts_reach_the_ceiling(variant, k):
     assert r.stats["acceptance_by_position"] == [1.0] * k
     per_round = k + 1 if variant == "fused" else (k + 2) / 2
     assert r.stats["tokens_per_forward"] == pytest.approx(per_round, rel=0.25)
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_greedy_speculative_equals_autoregressive(small_vocab_model, k):
+    m = small_vocab_model
+    noise = tiny_model(vocab=7, hidden=32, layers=2, heads=4, kv_heads=2, seed=3, scale=0.6)
+    draft = pj.Model(m.config, jax.tree.map(lambda a, b: a + b, m.params, noise.params))  # a related, worse model
+    eos = _eos_inside_budget(m, PROMPTS, 40)
+    ar = pj.generate(m, PROMPTS, max_new_tokens=40, eos_token_id=eos)
+    sp = pj.generate(m, PROMPTS, max_new_tokens=40, eos_token_id=eos, method="speculative", k=k, draft_model=draft)
+    assert sp.token_ids == ar.token_ids
+    assert max(sp.stats["acceptance_by_position"]) > 0
+    # the target itself as draft model: every draft is accepted, k + 1 tokens per target pass
+    own = pj.generate(m, PROMPTS, max_new_tokens=40, eos_token_id=(), method="speculative", k=k, draft_model=m)
+    assert own.token_ids == pj.generate(m, PROMPTS, max_new_tokens=40, eos_token_id=()).token_ids
+    assert own.stats["acceptance_by_position"] == [1.0] * k

@@ -15,8 +15,8 @@ import pytest
 from scipy import stats
 
 import pass_jax as pj
-import pass_jax.decode as decode_mod
 import pass_jax.api as api_mod
+import pass_jax.decode as decode_mod
 from pass_jax.cache import KVCache
 from pass_jax.model import causal_block_mask, embed_tokens, forward, logits_from_hidden
 from pass_jax.sampling import sample
@@ -80,9 +80,34 @@ def _accept_every_draft(logits, drafts, draft_probs, n_drafts, sampler, keys):
     return n_drafts, sample(jnp.take_along_axis(p, n_drafts[:, None, None], 1)[:, 0], keys[:, 0, 2])
 
 
-def test_chi_square_detects_a_broken_acceptance_rule(model, monkeypatch):
+@pytest.fixture
+def broken_rule(monkeypatch):
+    """Swap in the broken rule; jit caches are cleared before and after so no trace leaks either way."""
+    jax.clear_caches()
     monkeypatch.setattr(decode_mod, "verify", _accept_every_draft)
     monkeypatch.setattr(api_mod, "_COMPILED", {})
+    yield
+    monkeypatch.undo()
+    jax.clear_caches()
+
+
+def test_chi_square_detects_a_broken_acceptance_rule(model, broken_rule):
     la = pj.init_lookahead(model.params, 2, "random", key=jax.random.key(2))
     pvalue, _ = chi_square_pvalue(model, SAMPLERS[0], method="pass", k=2, lookahead=la)
+    assert pvalue < 1e-6
+
+
+@pytest.fixture(scope="module")
+def draft_model():
+    return tiny_model(vocab=3, hidden=16, layers=1, heads=2, kv_heads=2, seed=9, scale=0.4)
+
+
+def test_speculative_sampling_matches_exact_distribution(model, draft_model):
+    pvalue, r = chi_square_pvalue(model, SAMPLERS[1], method="speculative", k=2, draft_model=draft_model)
+    assert 0 < r.stats["acceptance_by_position"][0] < 1
+    assert pvalue > 1e-3
+
+
+def test_chi_square_detects_a_broken_rule_in_speculative_sampling(model, draft_model, broken_rule):
+    pvalue, _ = chi_square_pvalue(model, SAMPLERS[0], method="speculative", k=2, draft_model=draft_model)
     assert pvalue < 1e-6
