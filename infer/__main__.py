@@ -22,8 +22,10 @@ def _generate_parser(sub) -> None:
                        description="Generate continuations of one or more prompts. With --json, stdout is one JSON "
                                    "object (method, k, texts, token_ids, stats); logs go to stderr.")
     p.add_argument("--model", help="Hugging Face model directory (Llama, Mistral or Qwen2)", required=True)
-    p.add_argument("--method", choices=["ar", "pass"], default="pass",
-                   help="ar: autoregressive decoding; pass: PaSS look-ahead drafting (default)")
+    p.add_argument("--method", choices=["ar", "pass", "speculative"], default="pass",
+                   help="ar: autoregressive decoding; pass: PaSS look-ahead drafting (default); "
+                        "speculative: classic two-model speculative sampling with --draft-model")
+    p.add_argument("--draft-model", help="draft model directory for --method speculative (same tokenizer)")
     p.add_argument("--k", type=int, default=4, help="look-ahead tokens per pass, 1..16 (PaSS only; default 4)")
     p.add_argument("--lookahead", default="untrained",
                    help="look-ahead checkpoint directory, or 'untrained' (copies of an UNK-like embedding)")
@@ -59,10 +61,15 @@ def run_generate(args) -> int:
     model = load_model(args.model, dtype=args.dtype)
     prompts = args.prompt if args.prompt else args.prompt_ids
     lookahead = _load_lookahead(model, args.lookahead, args.k) if args.method == "pass" else None
+    draft = None
+    if args.method == "speculative":
+        if not args.draft_model:
+            raise ValueError("--method speculative needs --draft-model DIR")
+        draft = load_model(args.draft_model, dtype=args.dtype, tokenizer=False)
     res = generate(model, prompts, max_new_tokens=args.max_new_tokens, method=args.method, k=args.k,
                    lookahead=lookahead, variant=args.variant, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, seed=args.seed, max_len=args.max_len)
-    k = args.k if args.method == "pass" else 0
+                   top_p=args.top_p, seed=args.seed, max_len=args.max_len, draft_model=draft)
+    k = args.k if args.method != "ar" else 0
     if args.json:
         print(json.dumps({"method": args.method, "k": k, "texts": res.texts, "token_ids": res.token_ids,
                           "stats": res.stats}))

@@ -1,1 +1,222 @@
-"""python -m infer bench: placeholder replaced below."""
+"""python -m infer bench: decode speed on random LLaMA configs, side by side in one run.
+
+Suites (each writes JSON to --out and prints a table):
+  decode    autoregressive ms/token at B=1 and B=8 beside transformers PyTorch generate on the same
+            weights; the 1-token step of the largest model against its weight-streaming floor; compile time.
+  passes    cost of one forward pass over T = 1, 2, 4, 6, 8, 12, 16 new tokens with a warm cache, as a
+            ratio to the 1-token pass (what PaSS's speed-up rests on).
+  overhead  PaSS with untrained look-ahead (almost nothing accepted) against autoregressive decoding:
+            wall time per token, the loop's overhead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "models.yaml"
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="benchmark decoding on random LLaMA configs", description=__doc__,
+                       formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+    p.add_argument("--suite", choices=["decode", "passes", "overhead"], default="decode")
+    p.add_argument("--method", choices=["ar"], default="ar", help="decode suite: the method measured (ar)")
+    p.add_argument("--models", default=None, help="comma-separated presets from configs/models.yaml "
+                   "(default per suite: decode 7m,35m,120m; passes 35m,120m; overhead 12m,35m,120m)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="parameter dtype")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per timed run (default 64)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement; the median is kept")
+    p.add_argument("--no-torch", action="store_true", help="decode suite: skip the PyTorch reference")
+    p.add_argument("--out", help="write the JSON results here")
+    p.set_defaults(func=run)
+
+
+def presets() -> dict:
+    import yaml
+
+    return yaml.safe_load(CONFIGS.read_text())
+
+
+def random_model(name: str, dtype: str):
+    import jax
+
+    from pass_jax import Model, ModelConfig
+    from pass_jax.api import _DTYPES
+    from pass_jax.model import init_params
+
+    cfg = ModelConfig(**presets()[name])
+    return Model(cfg, init_params(cfg, jax.random.key(0), _DTYPES[dtype]))
+
+
+def _median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def _prompts(batch: int, vocab: int, length: int = 16) -> list[list[int]]:
+    return np.random.default_rng(0).integers(0, vocab, (batch, length)).tolist()
+
+
+def stream_rate(repeats: int = 20) -> float:
+    """Bytes/s of one large float32 matrix-vector product: the floor for reading weights."""
+    import jax
+    import jax.numpy as jnp
+
+    w = jnp.asarray(np.random.default_rng(0).standard_normal((8192, 4096), np.float32))
+    x = jnp.ones((1, 8192), jnp.float32)
+    f = jax.jit(lambda x, w: x @ w)
+    f(x, w).block_until_ready()
+    return w.nbytes / _median_time(lambda: f(x, w).block_until_ready(), repeats)
+
+
+def _torch_ms_per_token(model, prompts, new_tokens: int, repeats: int) -> float:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pass_jax import save_model
+
+    with tempfile.TemporaryDirectory() as d:
+        save_model(model, d)
+        ref = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32 if model.dtype == "float32"
+                                                   else torch.bfloat16).eval()
+    ids = torch.tensor(prompts)
+
+    def run():
+        with torch.no_grad():
+            ref.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                         pad_token_id=0, eos_token_id=None)
+
+    run()
+    return _median_time(run, repeats) / new_tokens * 1e3
+
+
+def suite_decode(args, names):
+    from pass_jax import generate
+
+    rows, rate = [], stream_rate()
+    for name in names:
+        model = random_model(name, args.dtype)
+        for batch in (1, 8):
+            prompts = _prompts(batch, model.config.vocab_size)
+            first = generate(model, prompts, max_new_tokens=args.new_tokens, eos_token_id=())
+            secs = np.median([generate(model, prompts, max_new_tokens=args.new_tokens, eos_token_id=()).stats["seconds"]
+                              for _ in range(args.repeats)])
+            row = {"model": name, "params_m": model.config.num_params / 1e6, "batch": batch,
+                   "jax_ms_per_token": secs / args.new_tokens * 1e3, "compile_seconds": first.stats["compile_seconds"]}
+            if not args.no_torch:
+                row["torch_ms_per_token"] = _torch_ms_per_token(model, prompts, args.new_tokens, args.repeats)
+                row["speedup_vs_torch"] = row["torch_ms_per_token"] / row["jax_ms_per_token"]
+            if batch == 1:
+                weight_bytes = model.config.num_params * np.dtype(model.dtype).itemsize
+                row["floor_ms"] = weight_bytes / rate * 1e3
+                row["ratio_to_floor"] = row["jax_ms_per_token"] / row["floor_ms"]
+            rows.append(row)
+            _log(row)
+    return {"stream_rate_gb_s": rate / 1e9, "rows": rows}
+
+
+def _pass_cost_fn(model, t: int, batch: int, context: int, iters: int):
+    """A jitted loop of `iters` forward passes over t new tokens at a warm cache of `context` entries."""
+    import jax
+    import jax.numpy as jnp
+
+    from pass_jax.cache import KVCache
+    from pass_jax.model import causal_block_mask, embed_tokens, forward, logits_from_hidden
+
+    cfg = model.config
+    cache = KVCache.create(cfg, batch, context + 32, model.dtype).commit(jnp.full((batch,), context))
+    tokens = jnp.ones((batch, t), jnp.int32)
+    positions = context + jnp.broadcast_to(jnp.arange(t), (batch, t))
+    mask = causal_block_mask(jnp.ones((batch, t), bool))
+
+    @jax.jit
+    def loop(params, cache):
+        def body(i, carry):
+            cache, acc = carry
+            hidden, cache = forward(params, cfg, embed_tokens(params, tokens + i % 2), positions, mask, cache)
+            return cache, acc + logits_from_hidden(params, hidden)[:, -1, 0]
+        return jax.lax.fori_loop(0, iters, body, (cache, jnp.zeros((batch,))))[1]
+
+    loop(model.params, cache).block_until_ready()
+    return lambda: loop(model.params, cache).block_until_ready()
+
+
+def suite_passes(args, names):
+    rows = []
+    for name in names:
+        model = random_model(name, args.dtype)
+        base = None
+        for t in (1, 2, 4, 6, 8, 12, 16):
+            iters = 16
+            ms = _median_time(_pass_cost_fn(model, t, 1, 256, iters), args.repeats) / iters * 1e3
+            base = base or ms
+            row = {"model": name, "tokens": t, "ms_per_pass": ms, "ratio_to_1_token": ms / base}
+            rows.append(row)
+            _log(row)
+    return {"context": 256, "batch": 1, "rows": rows}
+
+
+def suite_overhead(args, names):
+    from pass_jax import generate
+
+    rows = []
+    for name in names:
+        model = random_model(name, args.dtype)
+        prompts = _prompts(1, model.config.vocab_size)
+        for k in (2, 4, 8):
+            runs = {}
+            for method in ("ar", "pass"):
+                kw = {"max_new_tokens": args.new_tokens, "eos_token_id": (), "method": method, "k": k}
+                generate(model, prompts, **kw)
+                runs[method] = [generate(model, prompts, **kw).stats for _ in range(args.repeats)]
+            ar = np.median([s["seconds"] for s in runs["ar"]])
+            ps = np.median([s["seconds"] for s in runs["pass"]])
+            row = {"model": name, "k": k, "ar_ms_per_token": ar / args.new_tokens * 1e3,
+                   "pass_ms_per_token": ps / args.new_tokens * 1e3, "pass_over_ar": ps / ar,
+                   "pass_tokens_per_forward": runs["pass"][0]["tokens_per_forward"]}
+            rows.append(row)
+            _log(row)
+    return {"rows": rows}
+
+
+SUITES = {"decode": (suite_decode, "llama-7m,llama-35m,llama-120m"),
+          "passes": (suite_passes, "llama-35m,llama-120m"),
+          "overhead": (suite_overhead, "llama-12m,llama-35m,llama-120m")}
+
+
+def _log(row: dict) -> None:
+    print("  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+          file=sys.stderr, flush=True)
+
+
+def run(args) -> int:
+    import jax
+
+    fn, default = SUITES[args.suite]
+    names = [n if n.startswith("llama-") else f"llama-{n}" for n in (args.models or default).split(",")]
+    unknown = [n for n in names if n not in presets()]
+    if unknown:
+        raise ValueError(f"unknown model presets {unknown}; known: {', '.join(presets())}")
+    result = {"suite": args.suite, "dtype": args.dtype, "new_tokens": args.new_tokens, "repeats": args.repeats,
+              "command": "python -m infer " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("__main__.py") else None,
+              "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "jax": jax.__version__,
+                          "device": str(jax.devices()[0])},
+              **fn(args, names)}
+    text = json.dumps(result, indent=2)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    print(text)
+    return 0

@@ -1,0 +1,102 @@
+"""`python -m infer generate`: the JSON contract of DESIGN.md section 3 and clear errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import pass_jax as pj
+from infer.__main__ import main
+from pass_jax.checkpoint import save_lookahead
+
+from .conftest import tiny_model
+
+
+def _run(argv, capsys):
+    code = main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_generate_json_contract(hf_dirs, capsys):
+    path = hf_dirs["llama"][1]
+    code, out, _ = _run(["generate", "--model", path, "--method", "pass", "--k", "3", "--prompt-ids", "1,2,3",
+                         "--prompt-ids", "4,5", "--max-new-tokens", "9", "--json"], capsys)
+    assert code == 0
+    res = json.loads(out)
+    assert set(res) == {"method", "k", "texts", "token_ids", "stats"}
+    assert res["method"] == "pass" and res["k"] == 3 and res["texts"] is None
+    assert [len(t) for t in res["token_ids"]] == [9, 9]
+    for key in ("new_tokens", "forward_passes", "tokens_per_forward", "seconds", "compile_seconds",
+                "tokens_per_second", "acceptance_by_position"):
+        assert key in res["stats"]
+    assert len(res["stats"]["acceptance_by_position"]) == 3
+    model = pj.load_model(path)
+    assert res["token_ids"] == pj.generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=9).token_ids
+
+
+def test_generate_with_lookahead_checkpoint(hf_dirs, tmp_path, capsys):
+    path = hf_dirs["llama"][1]
+    model = pj.load_model(path)
+    save_lookahead(tmp_path / "la", pj.init_lookahead(model.params, 2, "random"), model)
+    code, out, _ = _run(["generate", "--model", path, "--k", "2", "--lookahead", str(tmp_path / "la"),
+                         "--prompt-ids", "7,8,9", "--max-new-tokens", "5", "--json"], capsys)
+    assert code == 0 and len(json.loads(out)["token_ids"][0]) == 5
+    code, _, err = _run(["generate", "--model", path, "--k", "4", "--lookahead", str(tmp_path / "la"),
+                         "--prompt-ids", "7", "--json"], capsys)
+    assert code == 2 and "k=2" in err
+
+
+def test_lookahead_checkpoint_for_another_model_is_refused(hf_dirs, tmp_path):
+    other = tiny_model(hidden=64, vocab=97)
+    save_lookahead(tmp_path / "la", pj.init_lookahead(other.params, 2, "random"), other)
+    with pytest.raises(pj.ConfigError, match="another base model"):
+        from pass_jax.checkpoint import load_lookahead
+
+        load_lookahead(tmp_path / "la", pj.load_model(hf_dirs["llama"][1]))
+    small = tiny_model(hidden=32)
+    with pytest.raises(pj.ConfigError, match="d_model=64"):
+        load_lookahead(tmp_path / "la", small)
+
+
+def test_corrupt_lookahead_checkpoint(hf_dirs, tmp_path):
+    from pass_jax.checkpoint import load_lookahead
+
+    model = pj.load_model(hf_dirs["llama"][1])
+    save_lookahead(tmp_path / "la", pj.init_lookahead(model.params, 2, "random"), model)
+    for f in (tmp_path / "la" / "state").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0:
+            f.write_bytes(b"garbage")
+    with pytest.raises(pj.ConfigError, match="cannot read look-ahead checkpoint"):
+        load_lookahead(tmp_path / "la", model)
+
+
+def test_speculative_from_the_command_line(hf_dirs, capsys):
+    path = hf_dirs["llama"][1]
+    code, out, _ = _run(["generate", "--model", path, "--method", "speculative", "--draft-model", path, "--k", "2",
+                         "--prompt-ids", "3,4", "--max-new-tokens", "7", "--json"], capsys)
+    res = json.loads(out)
+    assert code == 0 and res["method"] == "speculative" and res["stats"]["acceptance_by_position"] == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--model", "/nonexistent", "--prompt-ids", "1"], "does not exist"),
+    (["--prompt-ids", "1", "--k", "17"], "1..16"),
+    (["--prompt-ids", "1", "--max-new-tokens", "50", "--max-len", "32"], "KV cache holds 32"),
+    (["--prompt-ids", "1", "--method", "speculative"], "--draft-model"),
+    (["--prompt", "hello"], "no tokenizer"),
+])
+def test_cli_errors_are_one_clear_line(hf_dirs, capsys, argv, msg):
+    if "--model" not in argv:
+        argv = ["--model", hf_dirs["llama"][1], *argv]
+    code, out, err = _run(["generate", *argv], capsys)
+    assert code == 2 and out == ""
+    assert err.startswith("error: ") and msg in err and "Traceback" not in err
+
+
+def test_help_runs_as_a_module():
+    out = subprocess.run([sys.executable, "-m", "infer", "generate", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    for flag in ("--model", "--method", "--k", "--lookahead", "--prompt-ids", "--json", "--temperature", "--top-p"):
+        assert flag in out
