@@ -183,9 +183,12 @@ def suite_overhead(args, names):
                 runs[method] = [generate(model, prompts, **kw).stats for _ in range(args.repeats)]
             ar = np.median([s["seconds"] for s in runs["ar"]])
             ps = np.median([s["seconds"] for s in runs["pass"]])
+            passes = {m: runs[m][0]["forward_passes"] for m in runs}
             row = {"model": name, "k": k, "ar_ms_per_token": ar / args.new_tokens * 1e3,
-                   "pass_ms_per_token": ps / args.new_tokens * 1e3, "pass_over_ar": ps / ar,
-                   "pass_tokens_per_forward": runs["pass"][0]["tokens_per_forward"]}
+                   "pass_ms_per_token": ps / args.new_tokens * 1e3, "pass_over_ar_per_token": ps / ar,
+                   "pass_tokens_per_forward": runs["pass"][0]["tokens_per_forward"],
+                   # the per-token ratio if nothing were accepted: PaSS's cost per pass over AR's
+                   "pass_over_ar_per_pass": (ps / passes["pass"]) / (ar / passes["ar"])}
             rows.append(row)
             _log(row)
     return {"rows": rows}
