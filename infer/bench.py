@@ -69,14 +69,17 @@ def _prompts(batch: int, vocab: int, length: int = 16) -> list[list[int]]:
     return np.random.default_rng(0).integers(0, vocab, (batch, length)).tolist()
 
 
-def stream_rate(repeats: int = 20) -> float:
-    """Bytes/s of one large float32 matrix-vector product: the floor for reading weights."""
+def stream_rate(dtype: str, repeats: int = 20) -> float:
+    """Bytes/s of one large matrix-vector product in `dtype`: the floor for reading the weights."""
     import jax
     import jax.numpy as jnp
 
-    w = jnp.asarray(np.random.default_rng(0).standard_normal((8192, 4096), np.float32))
+    from pass_jax.api import _DTYPES
+    from pass_jax.model import dense
+
+    w = jnp.asarray(np.random.default_rng(0).standard_normal((8192, 4096), np.float32), _DTYPES[dtype])
     x = jnp.ones((1, 8192), jnp.float32)
-    f = jax.jit(lambda x, w: x @ w)
+    f = jax.jit(dense)
     f(x, w).block_until_ready()
     return w.nbytes / _median_time(lambda: f(x, w).block_until_ready(), repeats)
 
@@ -105,7 +108,7 @@ def _torch_ms_per_token(model, prompts, new_tokens: int, repeats: int) -> float:
 def suite_decode(args, names):
     from pass_jax import generate
 
-    rows, rate = [], stream_rate()
+    rows, rate = [], stream_rate(args.dtype)
     for name in names:
         model = random_model(name, args.dtype)
         for batch in (1, 8):

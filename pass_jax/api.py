@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 import sys
 import time
@@ -72,7 +73,7 @@ def untrained_lookahead(model: Model, k: int):
 
 
 def _tokenize(model: Model, prompts) -> list[list[int]]:
-    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+    if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], numbers.Integral)):
         prompts = [prompts]
     if not prompts:
         raise ValueError("no prompts given")
@@ -134,12 +135,12 @@ def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]
         raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0 (got {temperature}, {top_p}, {top_k})")
     cfg = model.config
     if method == "pass":
-        check_k(k)
+        k = check_k(k)
         lookahead = untrained_lookahead(model, k) if lookahead is None else jnp.asarray(lookahead, jnp.float32)
         if lookahead.shape != (k, cfg.hidden_size):
             raise ValueError(f"look-ahead embeddings have shape {lookahead.shape}, expected ({k}, {cfg.hidden_size})")
     elif method == "speculative":
-        check_k(k)
+        k = check_k(k)
         if draft_model is None:
             raise ValueError("method 'speculative' needs a draft_model")
         if draft_model.config.vocab_size != cfg.vocab_size:

@@ -38,7 +38,8 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    attention_bias: bool = False  # biases on q/k/v (Qwen2 always; Llama with attention_bias)
+    o_bias: bool = False  # a bias on o_proj too (Llama with attention_bias)
     sliding_window: int | None = None
     max_position_embeddings: int = 2048
     architecture: str = "LlamaForCausalLM"
@@ -52,6 +53,8 @@ class ModelConfig:
         layer = d * (q + 2 * kv) + q * d + 3 * d * f + 2 * d
         if self.attention_bias:
             layer += q + 2 * kv
+        if self.o_bias:
+            layer += d
         return v * d * (1 if self.tie_word_embeddings else 2) + self.num_layers * layer + d
 
     @classmethod
@@ -96,7 +99,8 @@ class ModelConfig:
             raise ConfigError(f"unsupported rope type {rope_type!r}: pass-jax implements default, linear, llama3")
         eos = hf.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
-        window = hf.get("sliding_window") if arch == "MistralForCausalLM" else None
+        window = hf.get("sliding_window", 4096) if arch == "MistralForCausalLM" else None  # HF's default
+        llama_bias = arch == "LlamaForCausalLM" and bool(hf.get("attention_bias", False))
         return cls(
             vocab_size=int(hf["vocab_size"]),
             hidden_size=int(hf["hidden_size"]),
@@ -109,7 +113,8 @@ class ModelConfig:
             rope_theta=theta,
             rope_scaling=scaling,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            attention_bias=bool(hf.get("attention_bias", arch == "Qwen2ForCausalLM")),
+            attention_bias=arch == "Qwen2ForCausalLM" or llama_bias,
+            o_bias=llama_bias,
             sliding_window=int(window) if window else None,
             max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
             architecture=arch,
@@ -142,7 +147,7 @@ class ModelConfig:
             (self.eos_token_ids[0] if self.eos_token_ids else None),
         }
         if self.architecture == "LlamaForCausalLM":
-            hf["attention_bias"] = self.attention_bias
+            hf["attention_bias"] = self.o_bias
         if self.architecture == "MistralForCausalLM":
             hf["sliding_window"] = self.sliding_window
         return hf

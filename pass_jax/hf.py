@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -82,6 +83,8 @@ def params_from_hf_tensors(cfg: ModelConfig, t: dict[str, np.ndarray], dtype) ->
         }
         if cfg.attention_bias:
             layer["qkv_bias"] = cast(np.concatenate([get(p + f"self_attn.{n}_proj.bias") for n in "qkv"]))
+        if cfg.o_bias:
+            layer["o_bias"] = cast(get(p + "self_attn.o_proj.bias"))
         layers.append(layer)
     params = {"embed": cast(get("model.embed_tokens.weight")), "layers": layers, "norm": cast(get("model.norm.weight"))}
     if not cfg.tie_word_embeddings:
@@ -108,6 +111,8 @@ def hf_tensors_from_params(cfg: ModelConfig, params: dict) -> dict[str, np.ndarr
             for n, b in zip("qkv", np.split(np.asarray(layer["qkv_bias"]), splits)):
                 t[p + f"self_attn.{n}_proj.bias"] = np_(b)
         t[p + "self_attn.o_proj.weight"] = np_(np.asarray(layer["o"]).T)
+        if "o_bias" in layer:
+            t[p + "self_attn.o_proj.bias"] = np_(layer["o_bias"])
         gate, up = np.split(np.asarray(layer["gate_up"]), 2, axis=1)
         t[p + "mlp.gate_proj.weight"], t[p + "mlp.up_proj.weight"] = np_(gate.T), np_(up.T)
         t[p + "mlp.down_proj.weight"] = np_(np.asarray(layer["down"]).T)
@@ -122,6 +127,14 @@ def load_hf(model_dir: str | os.PathLike, dtype=jnp.float32) -> tuple[ModelConfi
     """(config, params, raw config.json) from a Hugging Face directory."""
     hf = read_hf_config(model_dir)
     cfg = ModelConfig.from_hf_dict(hf)
+    gen_path = Path(model_dir) / "generation_config.json"
+    if gen_path.is_file():  # chat models list extra stop tokens there (e.g. Llama-3's <|eot_id|>)
+        try:
+            eos = json.loads(gen_path.read_text()).get("eos_token_id")
+        except json.JSONDecodeError:
+            eos = None
+        extra = eos if isinstance(eos, list) else ([] if eos is None else [eos])
+        cfg = dataclasses.replace(cfg, eos_token_ids=tuple(dict.fromkeys([*cfg.eos_token_ids, *map(int, extra)])))
     return cfg, params_from_hf_tensors(cfg, _read_tensors(Path(model_dir)), dtype), hf
 
 

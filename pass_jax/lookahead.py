@@ -6,15 +6,19 @@ token i positions after the next one.
 
 from __future__ import annotations
 
+import numbers
+
 import jax
 import jax.numpy as jnp
 
 MAX_K = 16
 
 
-def check_k(k: int) -> None:
-    if not isinstance(k, int) or not 1 <= k <= MAX_K:
+def check_k(k) -> int:
+    """k as a Python int, or a clear error when it is not an integer in 1..MAX_K."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= MAX_K:
         raise ValueError(f"look-ahead count k must be an integer in 1..{MAX_K}, got {k!r}")
+    return int(k)
 
 
 def init_lookahead(params: dict, k: int, how: str = "token", token_id: int = 0, key: jax.Array | None = None):
@@ -23,7 +27,7 @@ def init_lookahead(params: dict, k: int, how: str = "token", token_id: int = 0, 
     how="token": k copies of one token's embedding (the paper's untrained baseline, an [UNK]-like
     token); how="random": normal draws scaled to the token embeddings' standard deviation.
     """
-    check_k(k)
+    k = check_k(k)
     embed = params["embed"]
     if how == "token":
         if not 0 <= token_id < embed.shape[0]:

@@ -1,7 +1,7 @@
 """The LLaMA-family decoder as pure functions of (params, cache, inputs, positions).
 
 Params are a plain dict: {"embed": [V, D], "norm": [D], "lm_head": [D, V] (absent when tied),
-"layers": [{"attn_norm", "qkv" [D, (H + 2 KV) * hd], "qkv_bias"?, "o", "mlp_norm",
+"layers": [{"attn_norm", "qkv" [D, (H + 2 KV) * hd], "qkv_bias"?, "o", "o_bias"?, "mlp_norm",
 "gate_up" [D, 2F], "down"}, ...]}. q/k/v and gate/up are fused so a decode step streams each
 layer's weights in as few matrix-vector products as possible. Layers are a Python list, unrolled
 under jit: a scan over stacked layers would copy each layer's slice on the CPU backend.
@@ -92,7 +92,8 @@ def forward(params: Params, cfg: ModelConfig, embeds: jax.Array, positions: jax.
         v = qkv[..., (nq + nkv) * hd:].reshape(b, t, nkv, hd)
         keys[i] = write_block(keys[i], k, cache.lengths)
         values[i] = write_block(values[i], v, cache.lengths)
-        x = x + dense(_attention(q, keys[i], values[i], mask, cfg), layer["o"])
+        attn = dense(_attention(q, keys[i], values[i], mask, cfg), layer["o"])
+        x = x + (attn + layer["o_bias"].astype(jnp.float32) if "o_bias" in layer else attn)
         gate, up = jnp.split(dense(rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps), layer["gate_up"]), 2, axis=-1)
         x = x + dense(jax.nn.silu(gate) * up, layer["down"])
     hidden = rms_norm(x, params["norm"], cfg.rms_norm_eps)
@@ -128,6 +129,8 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, scale: floa
                  "mlp_norm": jnp.ones((d,), dtype), "gate_up": normal((d, 2 * f)), "down": normal((f, d))}
         if cfg.attention_bias:
             layer["qkv_bias"] = jnp.zeros((qkv_out,), dtype)
+        if cfg.o_bias:
+            layer["o_bias"] = jnp.zeros((d,), dtype)
         layers.append(layer)
     params = {"embed": normal((cfg.vocab_size, d)), "layers": layers, "norm": jnp.ones((d,), dtype)}
     if not cfg.tie_word_embeddings:

@@ -27,7 +27,7 @@ class Sampler:
     def probs(self, logits: jax.Array) -> jax.Array:
         """float32 probabilities after temperature, top-k and top-p (the same for target and draft)."""
         logits = logits.astype(jnp.float32) / self.temperature
-        if self.top_k:
+        if self.top_k and self.top_k < logits.shape[-1]:
             kth = jax.lax.top_k(logits, self.top_k)[0][..., -1:]
             logits = jnp.where(logits < kth, -jnp.inf, logits)
         probs = jax.nn.softmax(logits, axis=-1)

@@ -50,6 +50,9 @@ ARCHS = {
         "num_key_value_heads": 1,
         "sliding_window": 8,
     },
+    # Llama with attention_bias: biases on q/k/v and o
+    "llama_bias": {"cls": "LlamaForCausalLM", "vocab_size": 61, "hidden_size": 64, "intermediate_size": 96,
+                   "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "attention_bias": True},
     # q/k/v biases, GQA
     "qwen2": {
         "cls": "Qwen2ForCausalLM",
@@ -75,11 +78,10 @@ def build_hf_model(kind: str, seed: int = 0, **overrides):
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = cls(config).eval()
-    if kind == "qwen2":  # HF initialises biases to zero; make them matter
-        with torch.no_grad():
-            for layer in model.model.layers:
-                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                    proj.bias.normal_(0, 0.5)
+    with torch.no_grad():  # HF initialises biases to zero; make them matter
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0, 0.5)
     return model
 
 

@@ -1,5 +1,7 @@
 """Hugging Face directories: save -> load round trips, sharded weights, transformers reads what we write."""
 
+from pathlib import Path
+
 import jax
 import numpy as np
 import torch
@@ -65,3 +67,28 @@ def test_model_written_from_config_loads_in_transformers(tmp_path):
     with torch.no_grad():
         expected = ref(torch.as_tensor(ids)).logits.numpy()
     assert np.abs(np.asarray(logits_from_hidden(params, hidden)) - expected).max() < 1e-4
+
+
+def test_config_details_follow_transformers(hf_dirs, tmp_path):
+    import json
+
+    cfg = json.loads((Path(hf_dirs["mistral"][1]) / "config.json").read_text())
+    del cfg["sliding_window"]
+    assert pj.ModelConfig.from_hf_dict(cfg).sliding_window == 4096  # MistralConfig's default
+    qwen = json.loads((Path(hf_dirs["qwen2"][1]) / "config.json").read_text())
+    assert pj.ModelConfig.from_hf_dict({**qwen, "attention_bias": False}).attention_bias  # Qwen2 always has them
+    m = pj.load_model(hf_dirs["llama"][1])
+    pj.save_model(m, tmp_path / "gen")
+    (tmp_path / "gen" / "generation_config.json").write_text(json.dumps({"eos_token_id": [5, 7]}))
+    assert set(pj.load_model(tmp_path / "gen").config.eos_token_ids) == {5, 7}
+
+
+def test_numpy_inputs_and_large_top_k(hf_dirs):
+    m = pj.load_model(hf_dirs["llama"][1])
+    prompt = np.array([3, 4, 5])
+    a = pj.generate(m, prompt, max_new_tokens=4, method="pass", k=np.int64(2), eos_token_id=())
+    b = pj.generate(m, [[3, 4, 5]], max_new_tokens=4, eos_token_id=())
+    assert a.token_ids == b.token_ids
+    full = pj.generate(m, [[3, 4, 5]], max_new_tokens=4, temperature=1.0, top_k=10_000, seed=1, eos_token_id=())
+    assert full.token_ids == pj.generate(m, [[3, 4, 5]], max_new_tokens=4, temperature=1.0, seed=1,
+                                         eos_token_id=()).token_ids
