@@ -14,8 +14,8 @@ def _fmt(v) -> str:
 def table(result: dict) -> str:
     rows = result["rows"]
     cols = list(dict.fromkeys(k for r in rows for k in r))
-    lines = [f"`{result.get('command') or 'python -m infer bench --suite ' + result['suite']}` "
-             f"({result['dtype']}, {result['machine']['cpu_count']} CPU cores)", "",
+    command = result.get("command") or "python -m infer bench --suite " + result["suite"]
+    lines = [f"`{command}` ({result['dtype']}, {result['machine']['cpu_count']} CPU cores)", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
     return "\n".join(lines)

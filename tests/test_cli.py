@@ -100,3 +100,34 @@ def test_help_runs_as_a_module():
                          check=True).stdout
     for flag in ("--model", "--method", "--k", "--lookahead", "--prompt-ids", "--json", "--temperature", "--top-p"):
         assert flag in out
+
+
+@pytest.fixture(scope="module")
+def model_with_tokenizer(tmp_path_factory):
+    """A tiny Llama saved beside a word-level tokenizer, as a Hugging Face directory."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from .conftest import build_hf_model
+
+    words = ["<unk>", "<s>", "</s>", *"def return if else for in range print x y z ( ) : = + 1 2".split()]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    path = tmp_path_factory.mktemp("with_tokenizer")
+    build_hf_model("llama", vocab_size=len(words)).save_pretrained(path)
+    fast.save_pretrained(path)
+    return str(path), fast
+
+
+def test_text_prompts_use_the_directory_tokenizer(model_with_tokenizer, capsys):
+    path, tok = model_with_tokenizer
+    model = pj.load_model(path)
+    assert model.tokenizer is not None and model.tokenizer.unk_token_id == 0
+    res = pj.generate(model, ["def x ( ) :", "print y"], max_new_tokens=6, method="pass", k=2, eos_token_id=())
+    ids = [tok("def x ( ) :")["input_ids"], tok("print y")["input_ids"]]
+    assert res.token_ids == pj.generate(model, ids, max_new_tokens=6, eos_token_id=()).token_ids
+    assert res.texts == [tok.decode(t, skip_special_tokens=True) for t in res.token_ids]
+    code, out, _ = _run(["generate", "--model", path, "--prompt", "def x ( ) :", "--max-new-tokens", "6",
+                         "--json"], capsys)
+    assert code == 0 and json.loads(out)["texts"][0] == res.texts[0]
