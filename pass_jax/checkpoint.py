@@ -34,7 +34,10 @@ def save_lookahead(path: str | os.PathLike, lookahead, model, extra: dict | None
         ckpt.save(path / "state", {"lookahead": la}, force=True)
     meta = {"k": int(la.shape[0]), "d_model": int(la.shape[1]), "vocab_size": model.config.vocab_size,
             "base_model_fingerprint": model_fingerprint(model), "base_model_path": model.path, **(extra or {})}
-    (path / METADATA).write_text(json.dumps(meta, indent=2))
+    import jax
+
+    if jax.process_index() == 0:  # every process joins the orbax save; one writes the metadata
+        (path / METADATA).write_text(json.dumps(meta, indent=2))
 
 
 def load_lookahead(path: str | os.PathLike, model):

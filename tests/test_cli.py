@@ -110,7 +110,7 @@ def model_with_tokenizer(tmp_path_factory):
 
     from .conftest import build_hf_model
 
-    words = ["<unk>", "<s>", "</s>", *"def return if else for in range print x y z ( ) : = + 1 2".split()]
+    words = ["<unk>", "<s>", "</s>", *["def", "return", "if", "else", "for", "in", "range", "print", "x", "y", "z", "(", ")", ":", "=", "+", "1", "2"]]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")

@@ -1,0 +1,87 @@
+"""Look-ahead training as pure functions: many insertion points per sequence in one forward pass.
+
+For a sequence x_0..x_{L-1} and insertion point t, look-ahead i (1-based) sits at RoPE position t + i,
+sees x_0..x_t and the block's look-aheads 1..i, and learns to predict x_{t+1+i}: exactly the layout
+the decoder uses (`decode.block_layout`). Every block is appended after the real tokens, so one
+pass trains |points| * k look-aheads. Only the [k, d_model] leaf is differentiated: base weights are
+plain inputs and get no gradient buffers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from .cache import KVCache
+from .config import ModelConfig
+from .model import embed_tokens, forward, logits_from_hidden
+
+LOSSES = ("ce", "distill")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainLayout:
+    """Static layout for sequences of `seq_len` tokens with a look-ahead block every `stride` tokens."""
+
+    seq_len: int
+    k: int
+    stride: int
+
+    @property
+    def points(self) -> np.ndarray:
+        """Insertion points t: the last real token each block sees (its targets must exist)."""
+        return np.arange(self.stride - 1, self.seq_len - self.k - 1, self.stride)
+
+    def arrays(self):
+        """positions [T], mask [T, T], target index [P*k] into the sequence (T = L + P*k)."""
+        L, k, pts = self.seq_len, self.k, self.points
+        n = len(pts) * k
+        t = np.repeat(pts, k)
+        i = np.tile(np.arange(1, k + 1), len(pts))
+        positions = np.concatenate([np.arange(L), t + i])
+        mask = np.zeros((L + n, L + n), bool)
+        mask[:L, :L] = np.tril(np.ones((L, L), bool))
+        mask[L:, :L] = np.arange(L)[None, :] <= t[:, None]
+        block = np.repeat(np.arange(len(pts)), k)
+        mask[L:, L:] = (block[:, None] == block[None, :]) & (i[None, :] <= i[:, None])
+        return positions.astype(np.int32), mask, (t + 1 + i).astype(np.int32)
+
+
+def lookahead_loss(lookahead, params, cfg: ModelConfig, tokens, layout: TrainLayout, loss: str = "distill"):
+    """Mean loss of the look-ahead predictions over a batch of token sequences [B, L].
+
+    "ce": cross-entropy against the true future tokens; "distill": KL from the base model's own
+    next-token distribution at each future position (what the verifier accepts against) to the
+    look-ahead's, computed from the real tokens' outputs in the same pass.
+    """
+    b, length = tokens.shape
+    positions, mask, target_idx = (jnp.asarray(a) for a in layout.arrays())
+    n = target_idx.shape[0]
+    embeds = jnp.concatenate([embed_tokens(params, tokens),
+                              jnp.broadcast_to(jnp.tile(lookahead, (n // layout.k, 1)), (b, n, lookahead.shape[1]))], 1)
+    t = embeds.shape[1]
+    hidden, _ = forward(params, cfg, embeds, jnp.broadcast_to(positions, (b, t)), jnp.broadcast_to(mask, (b, t, t)),
+                        KVCache.create(cfg, b, t, params["embed"].dtype))
+    student = jax.nn.log_softmax(logits_from_hidden(params, hidden[:, length:]), -1)  # [B, n, V]
+    if loss == "ce":
+        return -jnp.mean(jnp.take_along_axis(student, tokens[:, target_idx][..., None], -1))
+    teacher = jax.nn.log_softmax(jax.lax.stop_gradient(logits_from_hidden(params, hidden[:, target_idx - 1])), -1)
+    return jnp.mean(jnp.sum(jnp.exp(teacher) * (teacher - student), -1))
+
+
+def make_train_step(cfg: ModelConfig, layout: TrainLayout, loss: str, tx, replicated=None):
+    """A jitted step(leaf, opt_state, params, tokens) -> (leaf, opt_state, loss) on the leaf only.
+
+    `replicated` (a NamedSharding) keeps leaf and optimizer state replicated on a mesh, where GSPMD
+    would otherwise split them like the base weights they meet.
+    """
+    def step(lookahead, opt_state, params, tokens):
+        value, grad = jax.value_and_grad(lookahead_loss)(lookahead, params, cfg, tokens, layout, loss)
+        updates, opt_state = tx.update(grad, opt_state, lookahead)
+        return optax.apply_updates(lookahead, updates), opt_state, value
+
+    return jax.jit(step, donate_argnums=(0, 1), **({} if replicated is None else {"out_shardings": replicated}))

@@ -1,0 +1,142 @@
+"""Look-ahead training: only the leaf learns, a killed run resumes bit for bit, meshes and processes agree."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import pass_jax as pj
+from pass_jax.cache import KVCache
+from pass_jax.checkpoint import load_lookahead
+from pass_jax.decode import block_layout
+from pass_jax.model import embed_tokens, forward, logits_from_hidden
+from pass_jax.training import TrainLayout, lookahead_loss, make_train_step
+
+from .conftest import build_hf_model, tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_training_layout_matches_the_decoder():
+    """A look-ahead trained at insertion point t sees exactly what it sees when decoding after x_0..x_t."""
+    m = tiny_model(vocab=13, layers=2, heads=4, kv_heads=2)
+    k, layout = 3, TrainLayout(16, 3, 5)
+    la = pj.init_lookahead(m.params, k, "random")
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 13, (1, 16)))
+    positions, mask, _ = layout.arrays()
+    n = len(layout.points) * k
+    embeds = jnp.concatenate([embed_tokens(m.params, tokens), jnp.tile(la, (n // k, 1))[None]], 1)
+    t = embeds.shape[1]
+    hidden, _ = forward(m.params, m.config, embeds, positions[None], mask[None], KVCache.create(m.config, 1, t))
+    trained = logits_from_hidden(m.params, hidden[:, 16:]).reshape(len(layout.points), k, -1)
+    for j, point in enumerate(layout.points):
+        prefix = tokens[:, :point + 1]
+        pos, blk = block_layout(jnp.zeros((1,), jnp.int32), jnp.array([point]), point + 1, k)
+        h, _ = forward(m.params, m.config, jnp.concatenate([embed_tokens(m.params, prefix), la[None]], 1), pos, blk,
+                       KVCache.create(m.config, 1, point + 1 + k))
+        np.testing.assert_allclose(logits_from_hidden(m.params, h[:, point + 1:])[0], trained[j], atol=1e-5)
+
+
+@pytest.mark.parametrize("loss", ["ce", "distill"])
+def test_only_the_leaf_trains_and_the_loss_falls(loss):
+    m = tiny_model(vocab=11, layers=2, heads=4, kv_heads=2, scale=0.5)
+    before = jax.tree.map(np.asarray, m.params)
+    layout = TrainLayout(24, 3, 4)
+    la = pj.init_lookahead(m.params, 3, "token")
+    tx = optax.adam(3e-2)
+    opt_state = tx.init(la)
+    for leaf in jax.tree.leaves(opt_state):  # adam: a step count and two moments shaped like the leaf
+        assert leaf.shape in ((), la.shape)
+    assert sum(x.size for x in jax.tree.leaves(opt_state)) == 2 * la.size + 1
+    tokens = jnp.asarray(np.tile(np.arange(12) % 11, (4, 2)))  # a predictable sequence
+    first = float(lookahead_loss(la, m.params, m.config, tokens, layout, loss))
+    step = make_train_step(m.config, layout, loss, tx)
+    for _ in range(30):
+        la, opt_state, value = step(la, opt_state, m.params, tokens)
+    assert float(value) < 0.7 * first
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, m.params), before)
+    grad = jax.grad(lookahead_loss)(la, m.params, m.config, tokens, layout, loss)
+    assert jax.tree.structure(grad) == jax.tree.structure(la)
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("base")
+    build_hf_model("llama", vocab_size=48).save_pretrained(path)
+    return str(path)
+
+
+def _train_cmd(base, out, *extra, steps=40):
+    return [sys.executable, "-m", "train", "lookahead", "--model", base, "--out", str(out), "--k", "2",
+            "--steps", str(steps), "--batch-size", "4", "--seq-len", "24", "--stride", "4", "--self-samples", "8",
+            "--save-every", "5", "--eval-every", "20", "--quiet", "--lr", "1e-2", *extra]
+
+
+def _env(devices=1):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return env
+
+
+def _leaf(out, base):
+    return np.asarray(load_lookahead(out, pj.load_model(base)))
+
+
+def test_train_cli_end_to_end_and_generate_with_it(base_dir, tmp_path):
+    out = tmp_path / "run"
+    subprocess.run(_train_cmd(base_dir, out), check=True, env=_env(), cwd=REPO)
+    meta = json.loads((out / "lookahead.json").read_text())
+    assert meta["k"] == 2 and meta["d_model"] == 64
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in metrics] == [20, 40] and all(r["tokens_per_forward"] >= 1 for r in metrics)
+    res = subprocess.run([sys.executable, "-m", "infer", "generate", "--model", base_dir, "--k", "2", "--lookahead",
+                          str(out), "--prompt-ids", "1,2,3", "--max-new-tokens", "8", "--json"], check=True,
+                         capture_output=True, text=True, env=_env(), cwd=REPO)
+    assert len(json.loads(res.stdout)["token_ids"][0]) == 8
+    again = subprocess.run(_train_cmd(base_dir, out), check=False, env=_env(), cwd=REPO, capture_output=True, text=True)
+    assert again.returncode == 2 and "--resume" in again.stderr
+
+
+def test_killed_run_resumes_bit_for_bit(base_dir, tmp_path):
+    steps = 300
+    subprocess.run(_train_cmd(base_dir, tmp_path / "straight", steps=steps), check=True, env=_env(), cwd=REPO)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(base_dir, out, steps=steps), env=_env(), cwd=REPO, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "checkpoints" / "10").is_dir():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "lookahead.json").exists(), "killed too late: the run had finished"
+    subprocess.run(_train_cmd(base_dir, out, "--resume", steps=steps), check=True, env=_env(), cwd=REPO)
+    np.testing.assert_array_equal(_leaf(out, base_dir), _leaf(tmp_path / "straight", base_dir))
+
+
+def test_mesh_of_8_devices_matches_one_device(base_dir, tmp_path):
+    subprocess.run(_train_cmd(base_dir, tmp_path / "one", steps=10), check=True, env=_env(), cwd=REPO)
+    subprocess.run(_train_cmd(base_dir, tmp_path / "mesh", "--mesh", "2,4", steps=10), check=True, env=_env(8),
+                   cwd=REPO)
+    np.testing.assert_allclose(_leaf(tmp_path / "mesh", base_dir), _leaf(tmp_path / "one", base_dir), atol=1e-5)
+
+
+def test_two_processes_match_one(base_dir, tmp_path):
+    subprocess.run(_train_cmd(base_dir, tmp_path / "one", steps=10), check=True, env=_env(), cwd=REPO)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen(_train_cmd(base_dir, tmp_path / "multi", "--coordinator", f"127.0.0.1:{port}",
+                                         "--num-processes", "2", "--process-id", str(i), steps=10),
+                              env=_env(), cwd=REPO) for i in range(2)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    np.testing.assert_allclose(_leaf(tmp_path / "multi", base_dir), _leaf(tmp_path / "one", base_dir), atol=1e-5)

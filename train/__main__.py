@@ -1,0 +1,30 @@
+"""python -m train lookahead — see `--help`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pass_jax.cache import CacheOverflowError
+from pass_jax.config import ConfigError
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="python -m train", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    from .lookahead import add_parser, apply_yaml_defaults
+
+    add_parser(sub)
+    if argv and argv[0] == "lookahead":
+        apply_yaml_defaults(sub.choices["lookahead"], argv[1:])
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, CacheOverflowError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

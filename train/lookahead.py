@@ -1,0 +1,197 @@
+"""python -m train lookahead: train the k look-ahead embeddings of a frozen base model.
+
+Only the [k, d_model] leaf is differentiated and updated (optax); base weights stay bit-identical
+and get no gradient or optimizer buffers. Orbax checkpoints of (leaf, optimizer state, step) every
+--save-every steps make a killed run resume exactly with --resume: batch `s` is a pure function of
+(--seed, s), so the step is the data position.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("lookahead", help="train look-ahead embeddings (base model frozen)", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML file of defaults (keys: the long option names with _); flags override it")
+    p.add_argument("--model", help="base model: Hugging Face directory")
+    p.add_argument("--data", nargs="+", default=["self"],
+                   help="text/code files, directories, JSONL files (field --text-field), or 'self' to train on the "
+                        "base model's own sampled generations (default)")
+    p.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
+    p.add_argument("--out", required=False, help="output directory: checkpoints, metrics.jsonl, final look-ahead")
+    p.add_argument("--k", type=int, default=4, help="look-ahead embeddings to train (1..16, default 4)")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--stride", type=int, default=8, help="a look-ahead block after every N-th token (default 8)")
+    p.add_argument("--loss", choices=["distill", "ce"], default="distill",
+                   help="distill: KL to the base model's own next-token distributions (default); ce: true tokens")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--schedule", choices=["constant", "cosine"], default="cosine")
+    p.add_argument("--warmup", type=int, default=10, help="linear warm-up steps")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--init", choices=["token", "random"], default="token",
+                   help="start from copies of an UNK-like token's embedding (default) or random vectors")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--self-samples", type=int, default=128, help="--data self: sequences to sample from the model")
+    p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--eval-every", type=int, default=50, help="measure PaSS tokens per forward every M steps")
+    p.add_argument("--eval-prompts", type=int, default=4)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="base weight dtype")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--mesh", default=None, help="DATA,MODEL device mesh, e.g. 2,4: batch split over DATA, "
+                   "base weights over MODEL (default: one device)")
+    p.add_argument("--coordinator", help="multi-process: coordinator address HOST:PORT (jax.distributed)")
+    p.add_argument("--num-processes", type=int, default=1)
+    p.add_argument("--process-id", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def apply_yaml_defaults(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """Let --config FILE set defaults; explicit flags still win."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        import yaml
+
+        values = yaml.safe_load(Path(known.config).read_text()) or {}
+        parser.set_defaults(**{k.replace("-", "_"): v for k, v in values.items()})
+
+
+def _self_data(model, args, out: Path) -> np.ndarray:
+    """Sequences sampled from the base model (temperature 1), cached in --out so a resume reuses them."""
+    from pass_jax import generate
+
+    path = out / "self_data.npy"
+    if path.is_file():
+        return np.load(path)
+    rng = np.random.default_rng(args.seed)
+    prompts = rng.integers(0, model.config.vocab_size, (args.self_samples, 1)).tolist()
+    res = generate(model, prompts, max_new_tokens=args.seq_len * 2, temperature=1.0, seed=args.seed, eos_token_id=())
+    stream = np.concatenate([np.asarray(p + t, np.int32) for p, t in zip(prompts, res.token_ids)])
+    tmp = out / f"self_data.{os.getpid()}.npy"
+    np.save(tmp, stream)
+    os.replace(tmp, path)  # atomic: processes of a multi-process run write identical data
+    return stream
+
+
+def _optimizer(args):
+    import optax
+
+    if args.schedule == "cosine":
+        lr = optax.warmup_cosine_decay_schedule(0.0, args.lr, max(args.warmup, 1), max(args.steps, args.warmup + 1))
+    else:
+        lr = optax.join_schedules([optax.linear_schedule(0.0, args.lr, max(args.warmup, 1)),
+                                   optax.constant_schedule(args.lr)], [max(args.warmup, 1)])
+    return optax.adamw(lr, weight_decay=args.weight_decay)
+
+
+def run(args) -> int:
+    import jax
+
+    if args.num_processes > 1:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives; no effect on GPU/TPU
+        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                                   process_id=args.process_id)
+    import orbax.checkpoint as ocp
+    from jax.sharding import NamedSharding, PartitionSpec
+    from tqdm import tqdm
+
+    from pass_jax import generate, load_model, untrained_lookahead
+    from pass_jax.checkpoint import save_lookahead
+    from pass_jax.lookahead import check_k, init_lookahead
+    from pass_jax.sharding import make_mesh, replicate, shard_batch, shard_params
+    from pass_jax.training import TrainLayout, make_train_step
+
+    from .data import Batches, read_texts, tokenize
+
+    if not args.model or not args.out:
+        raise ValueError("--model and --out are required (on the command line or in --config)")
+    k = check_k(args.k)
+    out = Path(args.out).absolute()
+    ckpt_dir = out / "checkpoints"
+    if ckpt_dir.exists() and any(ckpt_dir.iterdir()) and not args.resume:
+        raise ValueError(f"{out} already holds checkpoints: pass --resume to continue, or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    primary = jax.process_index() == 0
+    model = load_model(args.model, dtype=args.dtype)
+    if args.data == ["self"]:
+        stream = _self_data(model, args, out)
+    else:
+        if model.tokenizer is None:
+            raise ValueError(f"{args.model} has no tokenizer: train on --data self instead")
+        eos = model.config.eos_token_ids[0] if model.config.eos_token_ids else model.tokenizer.eos_token_id
+        stream = tokenize(read_texts(args.data, args.text_field), model.tokenizer, eos)
+    batches = Batches(stream, args.seq_len, args.batch_size, args.seed)
+    layout = TrainLayout(args.seq_len, k, args.stride)
+    if len(layout.points) == 0:
+        raise ValueError(f"--seq-len {args.seq_len} leaves no insertion point for k={k}, stride {args.stride}")
+    tx = _optimizer(args)
+    if args.init == "token":
+        la = untrained_lookahead(model, k)
+    else:
+        la = init_lookahead(model.params, k, "random", key=jax.random.key(args.seed))
+    state = {"lookahead": la, "opt_state": tx.init(la)}
+
+    data, model_axis = (int(x) for x in (args.mesh or f"{jax.process_count()},1").split(","))
+    mesh = make_mesh(data, model_axis)
+    if args.batch_size % data:
+        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the mesh's data axis ({data})")
+    params = shard_params(model.params, mesh)
+    state = replicate(state, mesh)
+    train_step = make_train_step(model.config, layout, args.loss, tx, NamedSharding(mesh, PartitionSpec()))
+
+    manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+    start = 0
+    if args.resume and manager.latest_step() is not None:
+        start = manager.latest_step()
+        state = manager.restore(start, args=ocp.args.StandardRestore(state))
+        if primary:
+            print(f"resumed from step {start}", file=sys.stderr)
+    metrics_path = out / "metrics.jsonl"
+    prompts = batches.eval_prompts(args.eval_prompts, min(32, args.seq_len))
+
+    def evaluate(step: int, loss: float) -> None:
+        if not primary or not prompts:
+            return
+        la_host = np.asarray(state["lookahead"].addressable_data(0))
+        res = generate(model, prompts, max_new_tokens=32, method="pass", k=k, lookahead=la_host, eos_token_id=())
+        row = {"step": step, "loss": loss, "tokens_per_forward": res.stats["tokens_per_forward"],
+               "acceptance_by_position": res.stats["acceptance_by_position"]}
+        with metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=args.quiet or not primary,
+               desc="look-ahead", unit="step", file=sys.stderr)
+    loss, t0, tokens_seen = float("nan"), time.perf_counter(), 0
+    for step in bar:
+        tokens = shard_batch(batches.batch(step), mesh)
+        la, opt_state, value = train_step(state["lookahead"], state["opt_state"], params, tokens)
+        state = {"lookahead": la, "opt_state": opt_state}
+        loss = float(value)
+        tokens_seen += args.batch_size * args.seq_len
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_seen / (time.perf_counter() - t0):.0f}")
+        done = step + 1
+        if done % args.save_every == 0 or done == args.steps:
+            manager.save(done, args=ocp.args.StandardSave(state))
+            manager.wait_until_finished()
+        if done % args.eval_every == 0 or done == args.steps:
+            evaluate(done, loss)
+    manager.close()
+    la_host = np.asarray(state["lookahead"].addressable_data(0))
+    save_lookahead(out, la_host, model, extra={"steps": args.steps, "loss": args.loss, "final_loss": loss,
+                                               "seq_len": args.seq_len, "seed": args.seed})
+    if primary:
+        print(json.dumps({"out": str(out), "steps": args.steps, "final_loss": loss}))
+    return 0
