@@ -21,14 +21,17 @@ def _generate_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate text with autoregressive decoding or PaSS",
                        description="Generate continuations of one or more prompts. With --json, stdout is one JSON "
                                    "object (method, k, texts, token_ids, stats); logs go to stderr.")
-    p.add_argument("--model", help="Hugging Face model directory (Llama, Mistral or Qwen2)", required=True)
+    p.add_argument("--model", help="Hugging Face model directory (Llama, Mistral or Qwen2); default: the embedded "
+                   "demo code model")
     p.add_argument("--method", choices=["ar", "pass", "speculative"], default="pass",
                    help="ar: autoregressive decoding; pass: PaSS look-ahead drafting (default); "
                         "speculative: classic two-model speculative sampling with --draft-model")
     p.add_argument("--draft-model", help="draft model directory for --method speculative (same tokenizer)")
-    p.add_argument("--k", type=int, default=4, help="look-ahead tokens per pass, 1..16 (PaSS only; default 4)")
-    p.add_argument("--lookahead", default="untrained",
-                   help="look-ahead checkpoint directory, or 'untrained' (copies of an UNK-like embedding)")
+    p.add_argument("--k", type=int, default=None,
+                   help="look-ahead tokens per pass, 1..16 (default: the look-ahead checkpoint's k, else 4)")
+    p.add_argument("--lookahead", default=None,
+                   help="look-ahead checkpoint directory, or 'untrained' (copies of an UNK-like embedding); "
+                        "default: the demo model's trained embeddings with the demo model, else untrained")
     p.add_argument("--variant", choices=["fused", "paper"], default="fused",
                    help="fused: drafts ride along in the verification pass (default); paper: separate passes")
     g = p.add_mutually_exclusive_group(required=True)
@@ -41,26 +44,37 @@ def _generate_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="parameter dtype")
     p.add_argument("--max-len", type=int, help="KV cache size (default: what the request needs)")
+    p.add_argument("--compare", action="store_true",
+                   help="also decode autoregressively and report the speed-up (JSON key 'autoregressive')")
     p.add_argument("--json", action="store_true", help="print one JSON object to stdout")
 
 
-def _load_lookahead(model, spec: str, k: int):
+def _load_lookahead(model, spec: str, k: int | None):
+    """(embeddings or None for untrained, k)."""
     if spec == "untrained":
-        return None
+        return None, k or 4
     from pass_jax.checkpoint import load_lookahead
 
     la = load_lookahead(spec, model)
-    if la.shape[0] != k:
+    if k is not None and la.shape[0] != k:
         raise ValueError(f"look-ahead checkpoint {spec!r} holds k={la.shape[0]} embeddings; pass --k {la.shape[0]}")
-    return la
+    return la, la.shape[0]
 
 
 def run_generate(args) -> int:
     from pass_jax import generate, load_model
+    from pass_jax.demo import demo_lookahead_dir, demo_model_dir
 
+    if args.model is None:
+        args.model = demo_model_dir()
+        if args.lookahead is None and args.method == "pass":
+            args.lookahead = demo_lookahead_dir() or "untrained"
     model = load_model(args.model, dtype=args.dtype)
     prompts = args.prompt if args.prompt else args.prompt_ids
-    lookahead = _load_lookahead(model, args.lookahead, args.k) if args.method == "pass" else None
+    lookahead = None
+    if args.method == "pass":
+        lookahead, args.k = _load_lookahead(model, args.lookahead or "untrained", args.k)
+    args.k = args.k or 4
     draft = None
     if args.method == "speculative":
         if not args.draft_model:
@@ -70,9 +84,16 @@ def run_generate(args) -> int:
                    lookahead=lookahead, variant=args.variant, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, seed=args.seed, max_len=args.max_len, draft_model=draft)
     k = args.k if args.method != "ar" else 0
+    ar = None
+    if args.compare and args.method != "ar":
+        ar = generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                      top_k=args.top_k, top_p=args.top_p, seed=args.seed, max_len=args.max_len)
     if args.json:
-        print(json.dumps({"method": args.method, "k": k, "texts": res.texts, "token_ids": res.token_ids,
-                          "stats": res.stats}))
+        out = {"method": args.method, "k": k, "texts": res.texts, "token_ids": res.token_ids, "stats": res.stats}
+        if ar is not None:
+            out["autoregressive"] = {"token_ids": ar.token_ids, "stats": ar.stats,
+                                     "speedup": ar.stats["seconds"] / res.stats["seconds"]}
+        print(json.dumps(out))
         return 0
     for i, ids in enumerate(res.token_ids):
         body = res.texts[i] if res.texts is not None else " ".join(map(str, ids))
@@ -80,7 +101,11 @@ def run_generate(args) -> int:
     s = res.stats
     print(f"[{args.method}{f' k={k}' if k else ''}] {s['new_tokens']} tokens, {s['forward_passes']} forward passes, "
           f"{s['tokens_per_forward']:.2f} tokens/pass, {s['tokens_per_second']:.1f} tokens/s "
-          f"(compile {s['compile_seconds']:.1f} s)", file=sys.stderr)
+          f"(compile {s['compile_seconds']:.1f} s)")
+    if ar is not None:
+        same = "identical output" if ar.token_ids == res.token_ids else "output differs (sampling)"
+        print(f"[ar] {ar.stats['tokens_per_second']:.1f} tokens/s -> speed-up "
+              f"{ar.stats['seconds'] / s['seconds']:.2f}x ({same})")
     return 0
 
 

@@ -36,6 +36,9 @@ def add_parser(sub) -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement; the median is kept")
     p.add_argument("--no-torch", action="store_true", help="decode suite: skip the PyTorch reference")
     p.add_argument("--out", help="write the JSON results here")
+    from .bench_model import add_model_args
+
+    add_model_args(p)
     p.set_defaults(func=run)
 
 
@@ -207,12 +210,17 @@ def _log(row: dict) -> None:
 def run(args) -> int:
     import jax
 
-    fn, default = SUITES[args.suite]
-    names = [n if n.startswith("llama-") else f"llama-{n}" for n in (args.models or default).split(",")]
+    if args.model:
+        from .bench_model import run_model_bench
+
+        fn, default = (lambda a, _names: run_model_bench(a)), ""
+    else:
+        fn, default = SUITES[args.suite]
+    names = [n if n.startswith("llama-") else f"llama-{n}" for n in (args.models or default).split(",") if n]
     unknown = [n for n in names if n not in presets()]
     if unknown:
         raise ValueError(f"unknown model presets {unknown}; known: {', '.join(presets())}")
-    result = {"suite": args.suite, "dtype": args.dtype, "new_tokens": args.new_tokens, "repeats": args.repeats,
+    result = {"suite": "model" if args.model else args.suite, "dtype": args.dtype, "new_tokens": args.new_tokens, "repeats": args.repeats,
               "command": "python -m infer " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("__main__.py") else None,
               "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "jax": jax.__version__,
                           "device": str(jax.devices()[0])},

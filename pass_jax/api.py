@@ -116,14 +116,16 @@ def _compiled(model: Model, spec: DecodeSpec, args, max_len: int, draft: Model |
 def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]], *, max_new_tokens: int = 64,
              method: str = "ar", k: int = 4, lookahead=None, variant: str = "fused", temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_token_id: int | Sequence[int] | None = None,
-             max_len: int | None = None, draft_model: Model | None = None) -> GenerationResult:
+             max_len: int | None = None, draft_model: Model | None = None,
+             pad_prompts_to: int | None = None) -> GenerationResult:
     """Generate `max_new_tokens` per prompt (fewer where a row meets EOS).
 
     method "ar" is plain autoregressive decoding; "pass" drafts k tokens per forward pass with the
     look-ahead embeddings `lookahead` ([k, d_model]; None = untrained baseline) and verifies them
     losslessly; "speculative" is classic two-model speculative sampling with `draft_model` (same
     vocabulary) proposing k tokens. temperature 0 is greedy. eos_token_id None takes the model's; () disables EOS stops.
-    max_len is the KV cache size (default: just what the request needs).
+    max_len is the KV cache size (default: just what the request needs). pad_prompts_to pads the
+    batch to one length, so differently sized requests share one compiled program.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -161,7 +163,7 @@ def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]
     spec = DecodeSpec(method, k, variant, Sampler(float(temperature), int(top_k), float(top_p)), max_new_tokens,
                       tuple(sorted(eos)))
     lens = [len(p) for p in ids]
-    tp = _round_up(max(lens), 16)
+    tp = _round_up(max(max(lens), pad_prompts_to or 0), 16)
     needed = max(tp + k, max(lens) + max_new_tokens + spec.block_tokens)
     if max_len is None:
         max_len = _round_up(needed, 64)

@@ -14,8 +14,11 @@ def make_mesh(data: int = 1, model: int = 1) -> Mesh:
     n = len(jax.devices())
     if data < 1 or model < 1 or data * model > n:
         raise ValueError(f"mesh {data}x{model} needs {data * model} devices; {n} are visible")
+    devices = jax.devices()[:data * model]
+    if len({d.process_index for d in devices}) != jax.process_count():
+        raise ValueError(f"mesh {data}x{model} leaves some processes without a device: use all {n} devices")
     return jax.make_mesh((data, model), ("data", "model"), axis_types=(AxisType.Auto, AxisType.Auto),
-                         devices=jax.devices()[:data * model])
+                         devices=devices)
 
 
 def weight_spec(shape: tuple[int, ...], model: int) -> P:

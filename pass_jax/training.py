@@ -31,6 +31,13 @@ class TrainLayout:
     k: int
     stride: int
 
+    def __post_init__(self):
+        if self.stride < 1 or self.k < 1:
+            raise ValueError(f"stride and k must be positive (got stride={self.stride}, k={self.k})")
+        if len(self.points) == 0:
+            raise ValueError(f"seq_len {self.seq_len} leaves no look-ahead insertion point for k={self.k}, "
+                             f"stride {self.stride}: raise seq_len or lower stride")
+
     @property
     def points(self) -> np.ndarray:
         """Insertion points t: the last real token each block sees (its targets must exist)."""
@@ -59,6 +66,9 @@ def lookahead_loss(lookahead, params, cfg: ModelConfig, tokens, layout: TrainLay
     look-ahead's, computed from the real tokens' outputs in the same pass.
     """
     b, length = tokens.shape
+    if loss not in LOSSES or length != layout.seq_len or lookahead.shape[0] != layout.k:
+        raise ValueError(f"need loss in {LOSSES}, tokens of length {layout.seq_len} and {layout.k} look-aheads "
+                         f"(got {loss!r}, {length}, {lookahead.shape[0]})")
     positions, mask, target_idx = (jnp.asarray(a) for a in layout.arrays())
     n = target_idx.shape[0]
     embeds = jnp.concatenate([embed_tokens(params, tokens),

@@ -115,3 +115,20 @@ def tiny_model(vocab=32, hidden=32, layers=1, heads=2, kv_heads=1, seed=0, scale
         **kw,
     )
     return Model(cfg, init_params(cfg, jax.random.key(seed), scale=scale))
+
+
+def run_and_kill_after_checkpoint(cmd, checkpoint: os.PathLike, final_marker: os.PathLike, env=None, cwd=None):
+    """Start a training command, SIGKILL it once `checkpoint` exists, and check it had not finished."""
+    import signal
+    import subprocess
+    import time
+    from pathlib import Path
+
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while not Path(checkpoint).is_dir():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not Path(final_marker).exists(), "killed too late: the run had finished"

@@ -131,3 +131,14 @@ def test_text_prompts_use_the_directory_tokenizer(model_with_tokenizer, capsys):
     code, out, _ = _run(["generate", "--model", path, "--prompt", "def x ( ) :", "--max-new-tokens", "6",
                          "--json"], capsys)
     assert code == 0 and json.loads(out)["texts"][0] == res.texts[0]
+
+
+def test_compare_reports_the_speedup(hf_dirs, capsys):
+    code, out, _ = _run(["generate", "--model", hf_dirs["llama"][1], "--k", "2", "--prompt-ids", "1,2,3",
+                         "--max-new-tokens", "6", "--compare", "--json"], capsys)
+    res = json.loads(out)
+    assert code == 0 and res["autoregressive"]["token_ids"] == res["token_ids"]
+    assert res["autoregressive"]["speedup"] > 0
+    code, out, _ = _run(["generate", "--model", hf_dirs["llama"][1], "--prompt-ids", "1,2,3", "--max-new-tokens",
+                         "6", "--compare"], capsys)
+    assert code == 0 and "speed-up" in out and "identical output" in out

@@ -2,11 +2,9 @@
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -22,7 +20,7 @@ from pass_jax.decode import block_layout
 from pass_jax.model import embed_tokens, forward, logits_from_hidden
 from pass_jax.training import TrainLayout, lookahead_loss, make_train_step
 
-from .conftest import build_hf_model, tiny_model
+from .conftest import build_hf_model, run_and_kill_after_checkpoint, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -111,14 +109,8 @@ def test_killed_run_resumes_bit_for_bit(base_dir, tmp_path):
     steps = 300
     subprocess.run(_train_cmd(base_dir, tmp_path / "straight", steps=steps), check=True, env=_env(), cwd=REPO)
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_train_cmd(base_dir, out, steps=steps), env=_env(), cwd=REPO, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (out / "checkpoints" / "10").is_dir():
-        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / "lookahead.json").exists(), "killed too late: the run had finished"
+    run_and_kill_after_checkpoint(_train_cmd(base_dir, out, steps=steps), out / "checkpoints" / "10",
+                                  out / "lookahead.json", env=_env(), cwd=REPO)
     subprocess.run(_train_cmd(base_dir, out, "--resume", steps=steps), check=True, env=_env(), cwd=REPO)
     np.testing.assert_array_equal(_leaf(out, base_dir), _leaf(tmp_path / "straight", base_dir))
 

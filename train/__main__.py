@@ -1,4 +1,4 @@
-"""python -m train lookahead — see `--help`."""
+"""python -m train lookahead|pretrain — see `--help` of each."""
 
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="python -m train", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    from .lookahead import add_parser, apply_yaml_defaults
+    from . import lookahead, pretrain
 
-    add_parser(sub)
-    if argv and argv[0] == "lookahead":
-        apply_yaml_defaults(sub.choices["lookahead"], argv[1:])
+    lookahead.add_parser(sub)
+    pretrain.add_parser(sub)
+    if argv and argv[0] in sub.choices:
+        lookahead.apply_yaml_defaults(sub.choices[argv[0]], argv[1:])
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -53,8 +53,8 @@ class Batches:
         if len(stream) < 2 * seq_len + 1:
             raise ValueError(f"training data has {len(stream)} tokens; need at least {2 * seq_len + 1} "
                              f"for seq_len {seq_len} (lower --seq-len or add data)")
-        split = max(seq_len + 1, int(len(stream) * (1 - holdout)))
-        self.train, self.heldout = stream[:split], stream[split - seq_len:]
+        split = max(seq_len + 1, min(int(len(stream) * (1 - holdout)), len(stream) - seq_len))
+        self.train, self.heldout = stream[:split], stream[split:]  # disjoint: evaluation never sees training text
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
 
     def batch(self, step: int) -> np.ndarray:

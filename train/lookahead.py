@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -24,8 +25,9 @@ def add_parser(sub) -> None:
     p.add_argument("--config", help="YAML file of defaults (keys: the long option names with _); flags override it")
     p.add_argument("--model", help="base model: Hugging Face directory")
     p.add_argument("--data", nargs="+", default=["self"],
-                   help="text/code files, directories, JSONL files (field --text-field), or 'self' to train on the "
-                        "base model's own sampled generations (default)")
+                   help="text/code files, directories, JSONL files (field --text-field); 'stdlib' for this Python's "
+                        "standard library source; or 'self' to train on the base model's own sampled generations "
+                        "(default)")
     p.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
     p.add_argument("--out", required=False, help="output directory: checkpoints, metrics.jsonl, final look-ahead")
     p.add_argument("--k", type=int, default=4, help="look-ahead embeddings to train (1..16, default 4)")
@@ -58,15 +60,49 @@ def add_parser(sub) -> None:
 
 
 def apply_yaml_defaults(parser: argparse.ArgumentParser, argv: list[str]) -> None:
-    """Let --config FILE set defaults; explicit flags still win."""
+    """Let --config FILE set defaults; explicit flags still win. Keys and values are checked like flags."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
-    if known.config:
-        import yaml
+    if not known.config:
+        return
+    import yaml
 
-        values = yaml.safe_load(Path(known.config).read_text()) or {}
-        parser.set_defaults(**{k.replace("-", "_"): v for k, v in values.items()})
+    values = yaml.safe_load(Path(known.config).read_text()) or {}
+    actions = {a.dest: a for a in parser._actions}
+    clean = {}
+    for key, value in values.items():
+        dest = key.replace("-", "_")
+        action = actions.get(dest)
+        if action is None or dest == "config":
+            raise ValueError(f"{known.config}: unknown setting {key!r}")
+        if action.nargs == "+" and not isinstance(value, list):
+            value = [value]
+        if action.type is not None and value is not None:
+            value = [action.type(v) for v in value] if isinstance(value, list) else action.type(value)
+        if action.choices is not None and value not in action.choices:
+            raise ValueError(f"{known.config}: {key} must be one of {', '.join(map(str, action.choices))}, "
+                             f"got {value!r}")
+        clean[dest] = value
+    parser.set_defaults(**clean)
+
+
+RUN_KEYS = ("data", "k", "steps", "batch_size", "seq_len", "stride", "loss", "lr", "schedule", "warmup",
+            "weight_decay", "init", "seed", "self_samples", "dtype")
+
+
+def check_resume(out: Path, args, keys=RUN_KEYS) -> None:
+    """Record the settings that shape the result; a resume with different ones would not be exact."""
+    path = out / "run_args.json"
+    mine = {k: getattr(args, k) for k in keys}
+    if path.is_file():
+        theirs = json.loads(path.read_text())
+        changed = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
+        if changed:
+            raise ValueError("--resume with settings that differ from the run being resumed: " +
+                             ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+    else:
+        path.write_text(json.dumps(mine, indent=2))
 
 
 def _self_data(model, args, out: Path) -> np.ndarray:
@@ -80,10 +116,16 @@ def _self_data(model, args, out: Path) -> np.ndarray:
     prompts = rng.integers(0, model.config.vocab_size, (args.self_samples, 1)).tolist()
     res = generate(model, prompts, max_new_tokens=args.seq_len * 2, temperature=1.0, seed=args.seed, eos_token_id=())
     stream = np.concatenate([np.asarray(p + t, np.int32) for p, t in zip(prompts, res.token_ids)])
-    tmp = out / f"self_data.{os.getpid()}.npy"
+    tmp = out / f"self_data.{os.getpid()}.{jax_process_index()}.npy"
     np.save(tmp, stream)
     os.replace(tmp, path)  # atomic: processes of a multi-process run write identical data
     return stream
+
+
+def jax_process_index() -> int:
+    import jax
+
+    return jax.process_index()
 
 
 def _optimizer(args):
@@ -119,12 +161,20 @@ def run(args) -> int:
     if not args.model or not args.out:
         raise ValueError("--model and --out are required (on the command line or in --config)")
     k = check_k(args.k)
+    if args.save_every < 1 or args.eval_every < 1 or args.steps < 1:
+        raise ValueError("--steps, --save-every and --eval-every must be positive")
+    try:
+        data, model_axis = (int(x) for x in (args.mesh or f"{len(jax.devices())},1").split(","))
+    except ValueError:
+        raise ValueError(f"--mesh takes DATA,MODEL, e.g. 2,4 (got {args.mesh!r})") from None
     out = Path(args.out).absolute()
     ckpt_dir = out / "checkpoints"
     if ckpt_dir.exists() and any(ckpt_dir.iterdir()) and not args.resume:
         raise ValueError(f"{out} already holds checkpoints: pass --resume to continue, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     primary = jax.process_index() == 0
+    if primary:
+        check_resume(out, args)
     model = load_model(args.model, dtype=args.dtype)
     if args.data == ["self"]:
         stream = _self_data(model, args, out)
@@ -132,11 +182,15 @@ def run(args) -> int:
         if model.tokenizer is None:
             raise ValueError(f"{args.model} has no tokenizer: train on --data self instead")
         eos = model.config.eos_token_ids[0] if model.config.eos_token_ids else model.tokenizer.eos_token_id
-        stream = tokenize(read_texts(args.data, args.text_field), model.tokenizer, eos)
+        if args.data == ["stdlib"]:
+            from .pretrain import read_corpus
+
+            docs = read_corpus(None, max_mb=64)
+        else:
+            docs = read_texts(args.data, args.text_field)
+        stream = tokenize(docs, model.tokenizer, eos)
     batches = Batches(stream, args.seq_len, args.batch_size, args.seed)
     layout = TrainLayout(args.seq_len, k, args.stride)
-    if len(layout.points) == 0:
-        raise ValueError(f"--seq-len {args.seq_len} leaves no insertion point for k={k}, stride {args.stride}")
     tx = _optimizer(args)
     if args.init == "token":
         la = untrained_lookahead(model, k)
@@ -144,7 +198,6 @@ def run(args) -> int:
         la = init_lookahead(model.params, k, "random", key=jax.random.key(args.seed))
     state = {"lookahead": la, "opt_state": tx.init(la)}
 
-    data, model_axis = (int(x) for x in (args.mesh or f"{jax.process_count()},1").split(","))
     mesh = make_mesh(data, model_axis)
     if args.batch_size % data:
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the mesh's data axis ({data})")
@@ -155,8 +208,8 @@ def run(args) -> int:
     manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
     start = 0
     if args.resume and manager.latest_step() is not None:
-        start = manager.latest_step()
-        state = manager.restore(start, args=ocp.args.StandardRestore(state))
+        start = min(manager.latest_step(), args.steps)
+        state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(state))
         if primary:
             print(f"resumed from step {start}", file=sys.stderr)
     metrics_path = out / "metrics.jsonl"
@@ -190,8 +243,11 @@ def run(args) -> int:
             evaluate(done, loss)
     manager.close()
     la_host = np.asarray(state["lookahead"].addressable_data(0))
+    seconds = time.perf_counter() - t0
+    loss = None if math.isnan(loss) else loss  # NaN when a finished run is resumed: no step ran
     save_lookahead(out, la_host, model, extra={"steps": args.steps, "loss": args.loss, "final_loss": loss,
-                                               "seq_len": args.seq_len, "seed": args.seed})
+                                               "seq_len": args.seq_len, "seed": args.seed,
+                                               "train_seconds_this_run": seconds})
     if primary:
-        print(json.dumps({"out": str(out), "steps": args.steps, "final_loss": loss}))
+        print(json.dumps({"out": str(out), "steps": args.steps, "final_loss": loss, "seconds": seconds}))
     return 0
