@@ -103,6 +103,19 @@ def test_train_cli_end_to_end_and_generate_with_it(base_dir, tmp_path):
     assert len(json.loads(res.stdout)["token_ids"][0]) == 8
     again = subprocess.run(_train_cmd(base_dir, out), check=False, env=_env(), cwd=REPO, capture_output=True, text=True)
     assert again.returncode == 2 and "--resume" in again.stderr
+    changed = subprocess.run(_train_cmd(base_dir, out, "--resume", "--lr", "0.5"), check=False, env=_env(), cwd=REPO,
+                             capture_output=True, text=True)
+    assert changed.returncode == 2 and "lr 0.01 -> 0.5" in changed.stderr
+
+
+@pytest.mark.parametrize("yaml_text,msg", [("loss: kl\n", "loss must be one of"), ("stepz: 3\n", "unknown setting"),
+                                           ("k: many\n", "invalid literal")])
+def test_bad_yaml_config_is_a_clear_error(tmp_path, capsys, yaml_text, msg):
+    from train.__main__ import main
+
+    (tmp_path / "c.yaml").write_text(yaml_text)
+    assert main(["lookahead", "--config", str(tmp_path / "c.yaml"), "--model", "x", "--out", str(tmp_path)]) == 2
+    assert msg in capsys.readouterr().err
 
 
 def test_killed_run_resumes_bit_for_bit(base_dir, tmp_path):

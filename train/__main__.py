@@ -17,10 +17,10 @@ def main(argv=None) -> int:
 
     lookahead.add_parser(sub)
     pretrain.add_parser(sub)
-    if argv and argv[0] in sub.choices:
-        lookahead.apply_yaml_defaults(sub.choices[argv[0]], argv[1:])
-    args = parser.parse_args(argv)
     try:
+        if argv and argv[0] in sub.choices:
+            lookahead.apply_yaml_defaults(sub.choices[argv[0]], argv[1:])
+        args = parser.parse_args(argv)
         return args.func(args)
     except (ConfigError, CacheOverflowError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
