@@ -45,6 +45,9 @@ def add_parser(sub) -> None:
                    help="start from copies of an UNK-like token's embedding (default) or random vectors")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--self-samples", type=int, default=128, help="--data self: sequences to sample from the model")
+    p.add_argument("--self-temperature", type=float, default=1.0,
+                   help="--data self: sampling temperature of those sequences (0 = the model's greedy output, "
+                        "what greedy PaSS decoding must predict)")
     p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (and at the end)")
     p.add_argument("--eval-every", type=int, default=50, help="measure PaSS tokens per forward every M steps")
     p.add_argument("--eval-prompts", type=int, default=4)
@@ -88,7 +91,7 @@ def apply_yaml_defaults(parser: argparse.ArgumentParser, argv: list[str]) -> Non
 
 
 RUN_KEYS = ("data", "k", "steps", "batch_size", "seq_len", "stride", "loss", "lr", "schedule", "warmup",
-            "weight_decay", "init", "seed", "self_samples", "dtype")
+            "weight_decay", "init", "seed", "self_samples", "self_temperature", "dtype")
 
 
 def check_resume(out: Path, args, keys=RUN_KEYS) -> None:
@@ -106,7 +109,7 @@ def check_resume(out: Path, args, keys=RUN_KEYS) -> None:
 
 
 def _self_data(model, args, out: Path) -> np.ndarray:
-    """Sequences sampled from the base model (temperature 1), cached in --out so a resume reuses them."""
+    """Sequences sampled from the base model, cached in --out so a resume reuses them."""
     from pass_jax import generate
 
     path = out / "self_data.npy"
@@ -114,7 +117,8 @@ def _self_data(model, args, out: Path) -> np.ndarray:
         return np.load(path)
     rng = np.random.default_rng(args.seed)
     prompts = rng.integers(0, model.config.vocab_size, (args.self_samples, 1)).tolist()
-    res = generate(model, prompts, max_new_tokens=args.seq_len * 2, temperature=1.0, seed=args.seed, eos_token_id=())
+    res = generate(model, prompts, max_new_tokens=args.seq_len * 2, temperature=args.self_temperature, seed=args.seed,
+                   eos_token_id=())
     stream = np.concatenate([np.asarray(p + t, np.int32) for p, t in zip(prompts, res.token_ids)])
     tmp = out / f"self_data.{os.getpid()}.{jax_process_index()}.npy"
     np.save(tmp, stream)

@@ -1,0 +1,38 @@
+"""The benchmarks run end to end on tiny models and write what the README tables are made from."""
+
+import json
+
+import pass_jax as pj
+from infer.__main__ import main
+from pass_jax.checkpoint import save_lookahead
+
+
+def test_model_bench_end_to_end(tmp_path, capsys):
+    from .conftest import build_hf_model
+
+    build_hf_model("llama", vocab_size=97).save_pretrained(tmp_path / "m")
+    model = pj.load_model(tmp_path / "m")
+    save_lookahead(tmp_path / "la", pj.init_lookahead(model.params, 3, "random"), model)
+    (tmp_path / "p.txt").write_text("1 2 3\n\n4 5 6 7 8\n\n9")
+    code = main(["bench", "--model", str(tmp_path / "m"), "--lookahead", str(tmp_path / "la"), "--prompts",
+                 str(tmp_path / "p.txt"), "--ks", "1,3", "--batch-sizes", "1,2", "--new-tokens", "8", "--repeats", "1",
+                 "--out", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png")])
+    assert code == 0
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["suite"] == "model" and res["n_prompts"] == 3 and "torch_prompt_lookup" in res["reference"]
+    rows = res["rows"]
+    assert {r["method"] for r in rows} == {"ar", "pass_fused", "pass_paper", "pass_untrained"}
+    assert len(rows) == 2 * 2 * (1 + 2 * 3)  # batch x temperature x (ar + ks x variants)
+    for r in rows:
+        assert {"method", "batch", "temperature", "k", "tokens_per_forward", "tokens_per_second", "speedup"} <= set(r)
+        if r["method"] != "ar" and r["temperature"] == 0:
+            assert r["identical_to_ar"] is True
+    assert (tmp_path / "r.png").stat().st_size > 1000
+    capsys.readouterr()
+
+
+def test_random_config_suites_run(tmp_path):
+    for suite in ("passes", "overhead"):
+        assert main(["bench", "--suite", suite, "--models", "7m", "--new-tokens", "4", "--repeats", "1",
+                     "--out", str(tmp_path / f"{suite}.json")]) == 0
+        assert json.loads((tmp_path / f"{suite}.json").read_text())["rows"]
