@@ -142,3 +142,11 @@ def test_compare_reports_the_speedup(hf_dirs, capsys):
     code, out, _ = _run(["generate", "--model", hf_dirs["llama"][1], "--prompt-ids", "1,2,3", "--max-new-tokens",
                          "6", "--compare"], capsys)
     assert code == 0 and "speed-up" in out and "identical output" in out
+
+
+def test_readme_main_command_runs_on_the_embedded_demo_model(capsys):
+    code, out, _ = _run(["generate", "--prompt", "def fibonacci(n):", "--max-new-tokens", "12", "--compare", "--json"],
+                        capsys)
+    res = json.loads(out)
+    assert code == 0 and res["method"] == "pass" and res["k"] == 8  # the demo's trained look-ahead
+    assert res["autoregressive"]["token_ids"] == res["token_ids"] and res["texts"][0]
