@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import numbers
 import os
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -199,7 +198,3 @@ def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]
     if model.tokenizer is not None:
         texts = [model.tokenizer.decode(t, skip_special_tokens=True) for t in token_ids]
     return GenerationResult(token_ids, texts, stats)
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)

@@ -3,9 +3,10 @@
 Every method is built from one step, `_round`: run [pending token, drafts?, look-ahead block?]
 through the model, verify the drafts (none for autoregressive decoding), emit the accepted drafts
 plus one exact token, commit that many cache entries, and take new drafts from the look-ahead
-outputs. Autoregressive = round(no drafts, no look-ahead); PaSS paper = a drafting round
-(look-ahead only) then a validation round (drafts only); PaSS fused = drafts and look-ahead in
-one round, the look-ahead drafts being valid only where every draft was accepted.
+outputs. Autoregressive = round(no drafts, no look-ahead); PaSS paper = alternating validation
+rounds (drafts only) and drafting rounds (look-ahead only; the prefill is the first); PaSS fused =
+drafts and look-ahead in one round, the look-ahead drafts being valid only where every draft was
+accepted; two-model speculative = a draft model's k proposals, then a validation round.
 """
 
 from __future__ import annotations
