@@ -1,4 +1,4 @@
-"""python -m infer generate|bench — see `--help` of each."""
+"""python -m infer generate|bench|humaneval — see `--help` of each."""
 
 from __future__ import annotations
 
@@ -114,8 +114,10 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub)
     from .bench import add_parser as add_bench
+    from .humaneval import add_parser as add_humaneval
 
     add_bench(sub)
+    add_humaneval(sub)
     args = parser.parse_args(argv)
     try:
         return args.func(args) if hasattr(args, "func") else run_generate(args)

