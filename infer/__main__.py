@@ -49,31 +49,17 @@ def _generate_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object to stdout")
 
 
-def _load_lookahead(model, spec: str, k: int | None):
-    """(embeddings or None for untrained, k)."""
-    if spec == "untrained":
-        return None, k or 4
-    from pass_jax.checkpoint import load_lookahead
-
-    la = load_lookahead(spec, model)
-    if k is not None and la.shape[0] != k:
-        raise ValueError(f"look-ahead checkpoint {spec!r} holds k={la.shape[0]} embeddings; pass --k {la.shape[0]}")
-    return la, la.shape[0]
-
-
 def run_generate(args) -> int:
     from pass_jax import generate, load_model
-    from pass_jax.demo import demo_lookahead_dir, demo_model_dir
+    from pass_jax.checkpoint import resolve_lookahead
+    from pass_jax.demo import with_demo_defaults
 
-    if args.model is None:
-        args.model = demo_model_dir()
-        if args.lookahead is None and args.method == "pass":
-            args.lookahead = demo_lookahead_dir() or "untrained"
+    args.model, args.lookahead = with_demo_defaults(args.model, args.lookahead)
     model = load_model(args.model, dtype=args.dtype)
     prompts = args.prompt if args.prompt else args.prompt_ids
     lookahead = None
     if args.method == "pass":
-        lookahead, args.k = _load_lookahead(model, args.lookahead or "untrained", args.k)
+        lookahead, args.k = resolve_lookahead(args.lookahead, model, args.k)
     args.k = args.k or 4
     draft = None
     if args.method == "speculative":

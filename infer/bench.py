@@ -52,11 +52,11 @@ def random_model(name: str, dtype: str):
     import jax
 
     from pass_jax import Model, ModelConfig
-    from pass_jax.api import _DTYPES
+    from pass_jax.api import DTYPES
     from pass_jax.model import init_params
 
     cfg = ModelConfig(**presets()[name])
-    return Model(cfg, init_params(cfg, jax.random.key(0), _DTYPES[dtype]))
+    return Model(cfg, init_params(cfg, jax.random.key(0), DTYPES[dtype]))
 
 
 def _median_time(fn, repeats: int) -> float:

@@ -78,13 +78,10 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from pass_jax import load_model
-    from pass_jax.demo import demo_lookahead_dir, demo_model_dir
+    from pass_jax.checkpoint import resolve_lookahead
+    from pass_jax.demo import with_demo_defaults
 
-    from .__main__ import _load_lookahead
-
-    if args.model is None:
-        args.model = demo_model_dir()
-        args.lookahead = args.lookahead or demo_lookahead_dir()
+    args.model, args.lookahead = with_demo_defaults(args.model, args.lookahead)
     model = load_model(args.model)
     if model.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer: HumanEval prompts are text")
@@ -93,7 +90,7 @@ def run(args) -> int:
     prompts = [problems[t]["prompt"] for t in tasks for _ in range(args.samples)]
     kw = {"method": args.method}
     if args.method == "pass":
-        la, args.k = _load_lookahead(model, args.lookahead or "untrained", args.k)
+        la, args.k = resolve_lookahead(args.lookahead, model, args.k)
         kw.update(k=args.k, lookahead=la)
     runs = {args.method: kw} | ({"ar": {"method": "ar"}} if args.compare and args.method != "ar" else {})
     out = Path(args.out)

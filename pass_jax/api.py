@@ -21,7 +21,7 @@ from .hf import load_hf, save_hf
 from .lookahead import check_k, init_lookahead
 from .sampling import Sampler
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 @dataclasses.dataclass
@@ -39,9 +39,9 @@ class Model:
 
 def load_model(model_dir: str | os.PathLike, dtype: str = "float32", tokenizer: bool = True) -> Model:
     """Load a Hugging Face Llama / Mistral / Qwen2 directory (tokenizer too, when it has one)."""
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
-    cfg, params, hf = load_hf(model_dir, _DTYPES[dtype])
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    cfg, params, hf = load_hf(model_dir, DTYPES[dtype])
     tok = None
     path = Path(model_dir)
     if tokenizer and any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):

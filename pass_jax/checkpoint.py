@@ -40,6 +40,16 @@ def save_lookahead(path: str | os.PathLike, lookahead, model, extra: dict | None
         (path / METADATA).write_text(json.dumps(meta, indent=2))
 
 
+def resolve_lookahead(spec: str, model, k: int | None):
+    """(embeddings, k) for a --lookahead value: 'untrained' gives (None, k or 4); a checkpoint must hold k."""
+    if spec == "untrained":
+        return None, k or 4
+    la = load_lookahead(spec, model)
+    if k is not None and la.shape[0] != k:
+        raise ValueError(f"look-ahead checkpoint {spec!r} holds k={la.shape[0]} embeddings; pass --k {la.shape[0]}")
+    return la, la.shape[0]
+
+
 def load_lookahead(path: str | os.PathLike, model):
     """[k, d_model] look-ahead embeddings, after checking they were trained for this model."""
     import orbax.checkpoint as ocp

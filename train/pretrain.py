@@ -124,6 +124,7 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from pass_jax import Model, ModelConfig, save_model
+    from pass_jax.api import DTYPES
     from pass_jax.model import init_params
 
     from .data import Batches, tokenize
@@ -198,7 +199,7 @@ def run(args) -> int:
     manager.close()
     held = batches.heldout[: (len(batches.heldout) // args.seq_len) * args.seq_len].reshape(-1, args.seq_len)[:16]
     eval_loss = float(jax.jit(lm_loss, static_argnums=1)(state["params"], cfg, jnp.asarray(held))) if len(held) else None
-    save_dtype = {"float16": jnp.float16, "bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.save_dtype]
+    save_dtype = DTYPES[args.save_dtype]
     final = jax.tree.map(lambda x: x.astype(save_dtype), state["params"])
     save_model(Model(cfg, final, tokenizer), out)
     summary = {"out": str(out), "steps": args.steps, "train_loss": loss, "heldout_loss": eval_loss,
