@@ -20,6 +20,7 @@ from .decode import METHODS, VARIANTS, DecodeSpec, decode
 from .hf import load_hf, save_hf
 from .lookahead import check_k, init_lookahead
 from .sampling import Sampler
+from .tree import DraftTree
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -100,6 +101,14 @@ def _tokenize(model: Model, prompts) -> list[list[int]]:
     return ids
 
 
+DEFAULT_TREE = DraftTree.from_widths((3, 1), ngram=4)
+DEFAULT_NGRAM = 4
+
+
+def _as_tree(tree: DraftTree | str) -> DraftTree:
+    return tree if isinstance(tree, DraftTree) else DraftTree.parse(tree)
+
+
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
@@ -124,13 +133,15 @@ def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]
              method: str = "ar", k: int = 4, lookahead=None, variant: str = "fused", temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_token_id: int | Sequence[int] | None = None,
              max_len: int | None = None, draft_model: Model | None = None,
-             pad_prompts_to: int | None = None) -> GenerationResult:
+             pad_prompts_to: int | None = None, tree: DraftTree | str | None = None) -> GenerationResult:
     """Generate `max_new_tokens` per prompt (fewer where a row meets EOS).
 
     method "ar" is plain autoregressive decoding; "pass" drafts k tokens per forward pass with the
     look-ahead embeddings `lookahead` ([k, d_model]; None = untrained baseline) and verifies them
     losslessly; "speculative" is classic two-model speculative sampling with `draft_model` (same
-    vocabulary) proposing k tokens. temperature 0 is greedy. eos_token_id None takes the model's; () disables EOS stops.
+    vocabulary) proposing k tokens; "ngram" drafts from the row's own context (prompt lookup).
+    variant "tree" (PaSS) verifies a tree of candidates per pass (`tree`: a DraftTree or its
+    string form, e.g. "4,2,1;ngram=4"), "fused" / "paper" the paper's chain. temperature 0 is greedy. eos_token_id None takes the model's; () disables EOS stops.
     max_len is the KV cache size (default: just what the request needs). pad_prompts_to pads the
     batch to one length, so differently sized requests share one compiled program.
     """
@@ -143,6 +154,16 @@ def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
         raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0 (got {temperature}, {top_p}, {top_k})")
     cfg = model.config
+    if method == "ngram":
+        tree = DraftTree(ngram=DEFAULT_NGRAM) if tree is None else _as_tree(tree)
+        if tree.paths or tree.ngram < 1:
+            raise ValueError(f"method 'ngram' takes a tree of n-gram drafts only (e.g. 'ngram=4'), got {tree.describe()!r}")
+    elif method == "pass" and variant == "tree":
+        tree = DEFAULT_TREE if tree is None else _as_tree(tree)
+        if tree.la_depth > k:
+            raise ValueError(f"tree {tree.describe()!r} drafts {tree.la_depth} look-ahead positions deep, but k={k}")
+    else:
+        tree = None
     if method == "pass":
         k = check_k(k)
         lookahead = untrained_lookahead(model, k) if lookahead is None else jnp.asarray(lookahead, jnp.float32)
@@ -156,7 +177,7 @@ def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]
             raise ValueError(f"the draft model's vocabulary ({draft_model.config.vocab_size}) differs from the "
                              f"target's ({cfg.vocab_size}): speculative sampling needs the same tokenizer")
         lookahead = jnp.zeros((0, cfg.hidden_size), jnp.float32)
-    else:
+    else:  # ar, ngram
         k, lookahead = 0, jnp.zeros((0, cfg.hidden_size), jnp.float32)
     if method != "speculative":
         draft_model = None
@@ -168,7 +189,7 @@ def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]
         eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
     ids = _tokenize(model, prompts)
     spec = DecodeSpec(method, k, variant, Sampler(float(temperature), int(top_k), float(top_p)), max_new_tokens,
-                      tuple(sorted(eos)))
+                      tuple(sorted(eos)), tree)
     lens = [len(p) for p in ids]
     tp = _round_up(max(max(lens), pad_prompts_to or 0), 16)
     needed = max(tp + k, max(lens) + max_new_tokens + spec.block_tokens)

@@ -40,6 +40,20 @@ class KVCache:
         """Advance each row's length by counts[b] (entries already written by the last pass)."""
         return self.replace(lengths=self.lengths + counts.astype(jnp.int32))
 
+    def gather_path(self, path: jax.Array) -> KVCache:
+        """Move each row's accepted tree nodes into a contiguous prefix of its uncommitted block.
+
+        path [B, P]: block slot of the accepted node at depth d (the root, slot 0, at d = 0). Entry
+        lengths[b] + path[b, d] moves to lengths[b] + d; entries past the accepted depth are garbage
+        that the next commit leaves invisible.
+        """
+        idx = (self.lengths[:, None] + path)[:, :, None, None]
+
+        def move(buf):  # [B, S, KV, hd]
+            return write_block(buf, jnp.take_along_axis(buf, idx, axis=1), self.lengths)
+
+        return self.replace(keys=tuple(map(move, self.keys)), values=tuple(map(move, self.values)))
+
 
 def write_block(buf: jax.Array, block: jax.Array, offsets: jax.Array) -> jax.Array:
     """buf[b, offsets[b] : offsets[b] + T] = block[b] for every row b (in place under jit)."""

@@ -7,6 +7,12 @@ outputs. Autoregressive = round(no drafts, no look-ahead); PaSS paper = alternat
 rounds (drafts only) and drafting rounds (look-ahead only; the prefill is the first); PaSS fused =
 drafts and look-ahead in one round, the look-ahead drafts being valid only where every draft was
 accepted; two-model speculative = a draft model's k proposals, then a validation round.
+
+Tree methods use `_tree_round` instead: [pending token, candidate nodes, a look-ahead block per
+node] in one pass, candidates from the look-ahead outputs (top-c per position) and from context
+n-grams; the accepted path is moved to the front of the cache block, and the block of the deepest
+accepted node that has one drafts the next round, so there are no draft-less rounds. "ngram" is
+the same round with n-gram candidates only (prompt lookup) and no look-ahead.
 """
 
 from __future__ import annotations
@@ -15,15 +21,18 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from .cache import KVCache, write_block
 from .config import ModelConfig
 from .model import causal_block_mask, embed_tokens, forward, logits_from_hidden
-from .sampling import Sampler, position_keys, sample, verify
+from .ngram import prompt_lookup, row_history
+from .sampling import Sampler, position_keys, sample, verify, verify_tree
+from .tree import DraftTree
 
-METHODS = ("ar", "pass", "speculative")
-VARIANTS = ("fused", "paper")
+METHODS = ("ar", "pass", "ngram", "speculative")
+VARIANTS = ("tree", "fused", "paper")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,10 +45,22 @@ class DecodeSpec:
     sampler: Sampler = dataclasses.field(default_factory=Sampler)
     max_new_tokens: int = 32
     eos_ids: tuple[int, ...] = ()
+    tree: DraftTree | None = None  # the candidate tree of method "ngram" and variant "tree"
+
+    @property
+    def is_tree(self) -> bool:
+        return self.method == "ngram" or (self.method == "pass" and self.variant == "tree")
+
+    @property
+    def max_drafts(self) -> int:
+        """Longest run of drafts one round can accept (the size of the acceptance statistics)."""
+        return self.tree.max_depth if self.is_tree else self.k
 
     @property
     def block_tokens(self) -> int:
         """Largest block a round writes into the cache beyond the committed entries."""
+        if self.is_tree:
+            return self.tree.num_tokens(self.k)
         return 1 + {"ar": 0, "pass": 2 * self.k, "speculative": self.k}[self.method]
 
 
@@ -55,9 +76,10 @@ class DecodeState:
     done: jax.Array  # [B] bool
     row_passes: jax.Array  # [B] forward passes while the row was live
     calls: jax.Array  # scalar: batched forward passes
-    accepted: jax.Array  # [k] rounds in which drafts 1..j+1 were all accepted
+    accepted: jax.Array  # [max_drafts] rounds in which drafts 1..j+1 were all accepted
     draft_rounds: jax.Array  # scalar: (row, round) pairs that verified drafts
     draft_cache: KVCache | None = None  # the draft model's cache (two-model speculative sampling only)
+    top_candidates: jax.Array | None = None  # [B, k, C] tree methods: best C tokens of each look-ahead output
 
 
 def block_layout(lengths, n_drafts, n_tok: int, n_la: int):
@@ -86,8 +108,9 @@ def _drafts_from_logits(logits, spec: DecodeSpec, row_keys, first_index):
     return sample(q, position_keys(row_keys, idx)[:, :, 0]), q
 
 
-def _emit(state: DecodeState, spec: DecodeSpec, emitted, n_emit, commit, pending, passes=1):
-    """Append tokens, stop rows at EOS or budget, commit cache entries; done rows are left untouched."""
+def _emit(state: DecodeState, spec: DecodeSpec, emitted, n_emit, pending, commit=None, passes=1):
+    """Append tokens, stop rows at EOS or budget, commit cache entries (default: one per emitted
+    token, the pending one's entry being written by the next pass); done rows are left untouched."""
     live = ~state.done
     n_emit = jnp.minimum(n_emit, spec.max_new_tokens - state.out_len)
     slot = jnp.arange(emitted.shape[1])[None]
@@ -95,6 +118,7 @@ def _emit(state: DecodeState, spec: DecodeSpec, emitted, n_emit, commit, pending
     hit = is_eos.any(1)
     n_emit = jnp.where(hit, jnp.argmax(is_eos, 1) + 1, n_emit)
     out_len = state.out_len + jnp.where(live, n_emit, 0)
+    commit = n_emit if commit is None else commit
     return state.replace(
         out=write_block(state.out, emitted, state.out_len),  # past out_len is scratch, trimmed at the end
         out_len=out_len,
@@ -134,7 +158,61 @@ def _round(params, cfg: ModelConfig, spec: DecodeSpec, lookahead, row_keys, stat
         state = state.replace(drafts=new, draft_probs=q, n_drafts=jnp.where(a == n_drafts, k, 0))
     else:
         state = state.replace(n_drafts=jnp.zeros_like(n_drafts))
-    return _emit(state, spec, emitted, a + 1, a + 1, nxt)
+    return _emit(state, spec, emitted, a + 1, nxt)
+
+
+def _tree_round(params, cfg: ModelConfig, spec: DecodeSpec, lookahead, row_keys, prompts, prompt_lens,
+                state: DecodeState) -> DecodeState:
+    """One tree pass: verify every candidate path at once, keep the longest accepted one, draft the next."""
+    tree, k, b = spec.tree, spec.k, state.pending.shape[0]
+    n, n_blocks = tree.num_nodes, tree.num_blocks(k)
+    depth, ancestors = jnp.asarray(tree.depth), jnp.asarray(tree.ancestors)
+    # candidates [B, N]: the pending token (root), look-ahead ranks, then the n-gram chain
+    tokens, valid = [state.pending[:, None]], [jnp.ones((b, 1), bool)]
+    if tree.paths:
+        la_depth = jnp.asarray([len(p) - 1 for p in tree.paths])
+        tokens.append(state.top_candidates[:, la_depth, jnp.asarray([p[-1] for p in tree.paths])])
+        valid.append(la_depth[None] < state.n_drafts[:, None])
+    if tree.ngram:
+        history = row_history(prompts, prompt_lens, state.out)
+        ngram, found = prompt_lookup(history, prompt_lens + state.out_len, tree.ngram_n, tree.ngram)
+        tokens.append(ngram)
+        valid.append(found)
+    tokens, valid = jnp.concatenate(tokens, 1), jnp.concatenate(valid, 1)
+    embeds = embed_tokens(params, tokens)
+    if n_blocks:
+        blocks = jnp.tile(lookahead.astype(jnp.float32), (n_blocks, 1))
+        embeds = jnp.concatenate([embeds, jnp.broadcast_to(blocks, (b,) + blocks.shape)], 1)
+    offsets, block_mask = tree.layout(k)
+    hidden, cache = forward(params, cfg, embeds, state.cache.lengths[:, None] + offsets[None],
+                            jnp.broadcast_to(block_mask, (b,) + block_mask.shape), state.cache)
+    keys = position_keys(row_keys, state.out_len[:, None] + depth[None])[:, :, 2]
+    end, draws = verify_tree(logits_from_hidden(params, hidden[:, :n]), tokens, valid, tree.parents, ancestors,
+                             spec.sampler, keys)
+    a = depth[end]  # accepted drafts
+    # path[b, d]: the accepted node at depth d; emit its drafts, then the model's draw at the end node
+    d = jnp.arange(tree.max_depth + 1)
+    path = jnp.argmax(ancestors[end][:, None, :] & (depth[None, None, :] == d[None, :, None]), -1)
+    nxt = jnp.take_along_axis(draws, end[:, None], 1)[:, 0]
+    drafted = jnp.take_along_axis(tokens, path, 1)
+    emitted = jnp.where(d[None] == a[:, None], nxt[:, None], jnp.concatenate([drafted[:, 1:], drafted[:, :1]], 1))
+    if np.any(tree.parents[1:] != np.arange(n - 1)):  # a chain's accepted path is already contiguous
+        cache = cache.gather_path(path)
+    live = ~state.done
+    state = state.replace(
+        cache=cache,
+        accepted=state.accepted + jnp.sum((a[:, None] > jnp.arange(tree.max_depth)[None]) & live[:, None], 0),
+        draft_rounds=state.draft_rounds + live.sum(),
+    )
+    if n_blocks:  # next drafts: the block of the deepest accepted node that has one, shifted past the accepted
+        with_block = ancestors[end] & (jnp.arange(n) < n_blocks)[None]
+        owner = jnp.argmax(jnp.where(with_block, depth[None], -1), 1)
+        shift = a - depth[owner]
+        slots = n + owner[:, None] * k + jnp.minimum(shift[:, None] + jnp.arange(k)[None], k - 1)
+        la_logits = logits_from_hidden(params, jnp.take_along_axis(hidden, slots[..., None], 1))
+        state = state.replace(top_candidates=jax.lax.top_k(la_logits, tree.max_rank)[1].astype(jnp.int32),
+                              n_drafts=jnp.maximum(k - shift, 0))
+    return _emit(state, spec, emitted, a + 1, nxt)
 
 
 def _prefill(params, cfg: ModelConfig, spec: DecodeSpec, lookahead, row_keys, prompts, prompt_lens, max_len):
@@ -154,16 +232,19 @@ def _prefill(params, cfg: ModelConfig, spec: DecodeSpec, lookahead, row_keys, pr
     zero = jnp.zeros((b,), jnp.int32)
     keys = position_keys(row_keys, zero[:, None])
     _, first = verify(logits, prompts[:, :0], jnp.zeros((b, 0, 1)), zero, spec.sampler, keys)
-    v = cfg.vocab_size if not spec.sampler.greedy and spec.method != "ar" else 1
+    v = cfg.vocab_size if not spec.sampler.greedy and spec.method in ("pass", "speculative") and not spec.is_tree else 1
     state = DecodeState(
         cache=cache, pending=first, drafts=jnp.zeros((b, k), jnp.int32), draft_probs=jnp.zeros((b, k, v)),
         n_drafts=zero, out=jnp.zeros((b, spec.max_new_tokens + spec.block_tokens + 1), jnp.int32), out_len=zero,
-        done=jnp.zeros((b,), bool), row_passes=zero, calls=jnp.int32(0), accepted=jnp.zeros((k,), jnp.int32),
-        draft_rounds=jnp.int32(0))
-    if use_la:
+        done=jnp.zeros((b,), bool), row_passes=zero, calls=jnp.int32(0),
+        accepted=jnp.zeros((spec.max_drafts,), jnp.int32), draft_rounds=jnp.int32(0))
+    if use_la and spec.is_tree:
+        top = jax.lax.top_k(logits_from_hidden(params, hidden[:, tp:]), spec.tree.max_rank)[1]
+        state = state.replace(top_candidates=top.astype(jnp.int32), n_drafts=jnp.full((b,), k, jnp.int32))
+    elif use_la:
         new, q = _drafts_from_logits(logits_from_hidden(params, hidden[:, tp:]), spec, row_keys, jnp.ones((b,), jnp.int32))
         state = state.replace(drafts=new, draft_probs=q.astype(jnp.float32), n_drafts=jnp.full((b,), k, jnp.int32))
-    return _emit(state, spec, first[:, None], jnp.ones_like(zero), prompt_lens, first)
+    return _emit(state, spec, first[:, None], jnp.ones_like(zero), first, commit=prompt_lens)
 
 
 def _draft_with_model(params, cfg: ModelConfig, spec: DecodeSpec, row_keys, state: DecodeState) -> DecodeState:
@@ -208,6 +289,8 @@ def decode(params, cfg: ModelConfig, spec: DecodeSpec, lookahead, prompts, promp
         return _round(params, cfg, spec, lookahead, row_keys, st, drafts, la)
 
     def body(st):
+        if spec.is_tree:
+            return _tree_round(params, cfg, spec, lookahead, row_keys, prompts, prompt_lens, st)
         if spec.method == "ar":
             return step(st, False, False)
         if spec.method == "speculative":

@@ -89,3 +89,29 @@ def verify(logits: jax.Array, drafts: jax.Array, draft_probs: jax.Array, n_draft
     residual = jnp.where(residual.sum(-1, keepdims=True) > 0, residual, p_a)
     emit_keys = jnp.take_along_axis(keys[:, :, 2], a[:, None, None], 1)[:, 0]
     return a, sample(residual / residual.sum(-1, keepdims=True), emit_keys)
+
+
+def verify_tree(logits: jax.Array, tokens: jax.Array, valid: jax.Array, parents, ancestors, sampler: Sampler,
+                keys: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The longest accepted path through a tree of deterministic candidates (top-c, n-gram).
+
+    logits [B, N, V] at every node; tokens / valid [B, N] the candidates (node 0, the root, is the
+    pending token); parents [N] and ancestors [N, N] the static shape; keys [B, N, 2] the emit key
+    of the output position each node's successor fills (the key autoregressive decoding uses there).
+    At each node the model's own token is drawn (argmax, or a sample from the exact distribution);
+    a child is accepted when it equals its parent's draw. With point-mass drafts this is recursive
+    rejection over siblings (SpecInfer): sibling c_i survives with probability
+    p(c_i) / (1 - p(c_1) - ... - p(c_{i-1})), the chance that a draw from p is c_i given it is none
+    of the earlier ones, and the renormalized residual after all rejections is the draw itself.
+    So the output has the model's distribution, and equals autoregressive sampling token for token
+    for the same keys. Returns (end node [B]: the deepest accepted node, draws [B, N]).
+    """
+    if sampler.greedy:
+        draws = jnp.argmax(logits, -1).astype(jnp.int32)
+    else:
+        draws = sample(sampler.probs(logits), keys)
+    accepted = valid & (tokens == draws[:, parents])
+    accepted = accepted.at[:, 0].set(True)
+    on_path = ~jnp.any(jnp.asarray(ancestors)[None] & ~accepted[:, None, :], -1)  # every ancestor accepted
+    depth = jnp.sum(jnp.asarray(ancestors), -1) - 1
+    return jnp.argmax(jnp.where(on_path, depth[None], -1), 1).astype(jnp.int32), draws

@@ -20,6 +20,7 @@ import pass_jax.decode as decode_mod
 from pass_jax.cache import KVCache
 from pass_jax.model import causal_block_mask, embed_tokens, forward, logits_from_hidden
 from pass_jax.sampling import sample
+from pass_jax.tree import DraftTree
 
 from .conftest import tiny_model
 
@@ -111,3 +112,46 @@ def test_speculative_sampling_matches_exact_distribution(model, draft_model):
 def test_chi_square_detects_a_broken_rule_in_speculative_sampling(model, draft_model, broken_rule):
     pvalue, _ = chi_square_pvalue(model, SAMPLERS[0], method="speculative", k=2, draft_model=draft_model)
     assert pvalue < 1e-6
+
+
+# two look-ahead siblings at depth 1 plus an n-gram chain: three candidates can share a parent
+TREE = DraftTree.parse("2,1;ngram=2")
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS, ids=["T1", "T0.8-topk2", "T1.3-topp0.8"])
+def test_sampled_tree_matches_exact_distribution(model, sampler):
+    la = pj.init_lookahead(model.params, 2, "random", key=jax.random.key(2))
+    pvalue, r = chi_square_pvalue(model, sampler, method="pass", variant="tree", k=2, lookahead=la, tree=TREE)
+    assert 0 < r.stats["acceptance_by_position"][0] < 1, "drafts must be both accepted and rejected"
+    assert pvalue > 1e-3
+
+
+def test_sampled_ngram_matches_exact_distribution(model):
+    pvalue, r = chi_square_pvalue(model, SAMPLERS[1], method="ngram", tree="ngram=2")
+    assert 0 < r.stats["acceptance_by_position"][0] < 1
+    assert pvalue > 1e-3
+
+
+def _siblings_without_residual(logits, tokens, valid, parents, ancestors, sampler, keys):
+    """The broken rule: accept each candidate with probability p(candidate) on its own uniform, never
+    renormalizing after a rejected sibling, and emit a draw from p (not the residual) at the end."""
+    p = sampler.probs(logits)
+    u = jax.vmap(jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 1))))(keys)
+    p_tok = jnp.take_along_axis(p[:, parents], tokens[..., None], 2)[..., 0]
+    accepted = (valid & (u < p_tok)).at[:, 0].set(True)
+    on_path = ~jnp.any(jnp.asarray(ancestors)[None] & ~accepted[:, None, :], -1)
+    depth = jnp.sum(jnp.asarray(ancestors), -1) - 1
+    return jnp.argmax(jnp.where(on_path, depth[None], -1), 1).astype(jnp.int32), sample(p, keys)
+
+
+def test_chi_square_detects_a_tree_rule_without_renormalized_residual(model, monkeypatch):
+    jax.clear_caches()
+    monkeypatch.setattr(decode_mod, "verify_tree", _siblings_without_residual)
+    monkeypatch.setattr(api_mod, "_COMPILED", {})
+    try:
+        la = pj.init_lookahead(model.params, 2, "random", key=jax.random.key(2))
+        pvalue, _ = chi_square_pvalue(model, SAMPLERS[0], method="pass", variant="tree", k=2, lookahead=la, tree=TREE)
+        assert pvalue < 1e-6
+    finally:
+        monkeypatch.undo()
+        jax.clear_caches()

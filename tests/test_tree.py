@@ -1,0 +1,178 @@
+"""Tree drafting (look-ahead top-c candidates + context n-grams, one pass per round) is lossless."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import pass_jax as pj
+from pass_jax.cache import KVCache
+from pass_jax.decode import DecodeSpec, _prefill, _tree_round
+from pass_jax.model import causal_block_mask, embed_tokens, forward
+from pass_jax.ngram import prompt_lookup, row_history
+from pass_jax.tree import DraftTree
+
+from .conftest import tiny_model
+from .test_pass_greedy import PROMPTS, _constant_model, _eos_inside_budget
+
+TREES = ["3,2,1;ngram=3", "2,2;ngram=0", "3,1;ngram=4;blocks=2", "1,1,1", "4;ngram=2;blocks=0"]
+REPETITIVE = [[1, 2, 3, 4, 1, 2, 3, 4, 1, 2], [5, 6, 5, 6, 5], [3]]
+
+
+@pytest.fixture(scope="module")
+def small_vocab_model():
+    return tiny_model(vocab=7, hidden=32, layers=2, heads=4, kv_heads=2, scale=0.6)
+
+
+def test_tree_layout_chain_and_branches():
+    t = DraftTree.parse("2,1;ngram=2")
+    # nodes: root, (0,), (0,0), (1,) (likeliest ends first), ngram 1, ngram 2
+    assert t.parents.tolist() == [0, 0, 1, 0, 0, 4]
+    assert t.depth.tolist() == [0, 1, 2, 1, 1, 2]
+    offsets, mask = t.layout(k=2)
+    assert t.num_tokens(2) == 6 + 6 * 2 == len(offsets)
+    assert mask[2].tolist()[:6] == [True, True, True, False, False, False]  # (0,0) sees root, (0,) and itself
+    assert mask[3].tolist()[:6] == [True, False, False, True, False, False]  # (1,) does not see its sibling
+    s = 6 + 2 * 2  # the block of node 2 = (0,0): depths 3, 4; sees node 2's ancestors and its own earlier slots
+    assert offsets[s:s + 2].tolist() == [3, 4]
+    assert mask[s + 1].tolist() == [True, True, True, False, False, False] + [False] * 4 + [True, True] + [False] * 6
+    assert DraftTree.parse("ngram=3").parents.tolist() == [0, 0, 1, 2]
+
+
+@pytest.mark.parametrize("bad", ["4,x", "widths=3", "0,1"])
+def test_tree_parse_errors(bad):
+    with pytest.raises(ValueError, match="tree"):
+        DraftTree.parse(bad)
+
+
+def test_prompt_lookup_takes_longest_then_most_recent_match():
+    hist = jnp.asarray([[1, 2, 3, 9, 2, 3, 7, 8, 1, 2, 3, 0],  # suffix "1 2 3" (longest) -> 9 2 3
+                        [4, 5, 4, 6, 4, 0, 0, 0, 0, 0, 0, 0],  # suffix "4": most recent full one -> 5 4 6
+                        [1, 2, 3, 4, 5, 0, 0, 0, 0, 0, 0, 0],  # no earlier occurrence of 5
+                        [7, 7, 7, 7, 7, 0, 0, 0, 0, 0, 0, 0],  # a run: the earliest occurrence, 2 followers
+                        [4, 6, 0, 4, 8, 4, 0, 0, 0, 0, 0, 0]])  # "4": only 1 follower known after 8 -> 6 0 4
+    tokens, ok = prompt_lookup(hist, jnp.asarray([11, 5, 5, 5, 6]), max_ngram=3, m=3)
+    assert tokens[0].tolist() == [9, 2, 3] and ok[0].all()
+    assert tokens[1].tolist() == [5, 4, 6] and ok[1].all()
+    assert not ok[2].any()
+    assert tokens[3, :2].tolist() == [7, 7] and ok[3].tolist() == [True, True, False]
+    assert tokens[4].tolist() == [6, 0, 4] and ok[4].all()
+    tokens, ok = prompt_lookup(hist[3:4], jnp.asarray([3]), max_ngram=3, m=3)  # "7 7 7": "7 7" has 1 follower
+    assert tokens[0, :1].tolist() == [7] and ok[0].tolist() == [True, False, False]
+    prompts, out = jnp.asarray([[7, 8, 0, 0]]), jnp.asarray([[5, 6, 9]])
+    assert row_history(prompts, jnp.asarray([2]), out)[0, :5].tolist() == [7, 8, 5, 6, 9]
+
+
+@pytest.mark.parametrize("tree", TREES)
+def test_greedy_tree_equals_autoregressive(small_vocab_model, tree):
+    m = small_vocab_model
+    prompts = PROMPTS + REPETITIVE
+    eos = _eos_inside_budget(m, prompts, 40)
+    ar = pj.generate(m, prompts, max_new_tokens=40, eos_token_id=eos)
+    assert any(len(t) < 40 for t in ar.token_ids), "EOS should stop some row inside the budget"
+    for how in ("token", "random"):
+        la = pj.init_lookahead(m.params, 3, how, token_id=3, key=jax.random.key(7))
+        r = pj.generate(m, prompts, max_new_tokens=40, eos_token_id=eos, method="pass", variant="tree", k=3,
+                        lookahead=la, tree=tree)
+        assert r.token_ids == ar.token_ids
+        assert all(p <= len(t) for p, t in zip(r.stats["row_forward_passes"], r.token_ids))
+
+
+def test_greedy_ngram_equals_autoregressive_and_accepts_on_repetitive_prompts(small_vocab_model):
+    m = small_vocab_model
+    ar = pj.generate(m, REPETITIVE, max_new_tokens=40, eos_token_id=())
+    r = pj.generate(m, REPETITIVE, max_new_tokens=40, eos_token_id=(), method="ngram", tree="ngram=5")
+    assert r.token_ids == ar.token_ids
+    assert r.stats["acceptance_by_position"][0] > 0.1
+    # a model that repeats one token: once its output repeats, every n-gram draft is right
+    c = _constant_model()
+    r = pj.generate(c, REPETITIVE, max_new_tokens=40, eos_token_id=(), method="ngram", tree="ngram=5")
+    assert r.token_ids == pj.generate(c, REPETITIVE, max_new_tokens=40, eos_token_id=()).token_ids
+    assert r.stats["tokens_per_forward"] > 3.5  # ceiling 6: the first rounds have no repeat yet
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    vocab=st.integers(3, 30),
+    kv_heads=st.sampled_from([1, 2, 4]),
+    k=st.integers(1, 4),
+    widths=st.lists(st.integers(1, 3), min_size=0, max_size=4),
+    ngram=st.integers(0, 4),
+    blocks=st.one_of(st.none(), st.integers(0, 6)),
+    seed=st.integers(0, 2**16),
+    prompts=st.lists(st.lists(st.integers(0, 2), min_size=1, max_size=12), min_size=1, max_size=3),
+    budget=st.integers(1, 24),
+)
+def test_property_greedy_tree_is_lossless(vocab, kv_heads, k, widths, ngram, blocks, seed, prompts, budget):
+    widths = widths[:k]
+    m = tiny_model(vocab=vocab, hidden=32, layers=2, heads=4, kv_heads=kv_heads, seed=seed, scale=0.7)
+    la = pj.init_lookahead(m.params, k, "random", key=jax.random.key(seed))
+    tree = DraftTree.from_widths(widths, ngram=ngram, la_blocks=blocks)
+    ar = pj.generate(m, prompts, max_new_tokens=budget, eos_token_id=())
+    r = pj.generate(m, prompts, max_new_tokens=budget, eos_token_id=(), method="pass", variant="tree", k=k,
+                    lookahead=la, tree=tree)
+    assert r.token_ids == ar.token_ids
+
+
+@pytest.mark.parametrize("tree", ["3,2,1;ngram=3", "1,1,1,1"])
+def test_perfect_drafts_fill_the_tree_every_round(tree):
+    m = _constant_model()
+    r = pj.generate(m, [[1, 2, 3], [4]], max_new_tokens=41, eos_token_id=(), method="pass", variant="tree", k=4,
+                    tree=tree)
+    assert r.token_ids == pj.generate(m, [[1, 2, 3], [4]], max_new_tokens=41, eos_token_id=()).token_ids
+    depth = DraftTree.parse(tree).max_depth
+    assert r.stats["row_forward_passes"] == [1 + -(-40 // (depth + 1))] * 2  # prefill, then depth + 1 per pass
+    assert r.stats["acceptance_by_position"][:depth][-1] > 0.85
+
+
+def _ar_cache_keys(m, tokens, n):
+    """Layer-0 keys autoregressive decoding holds for the first n tokens of `tokens` (a full causal pass)."""
+    ids = jnp.asarray([tokens[:n]])
+    _, cache = forward(m.params, m.config, embed_tokens(m.params, ids), jnp.arange(n)[None],
+                       causal_block_mask(jnp.ones((1, n), bool)), KVCache.create(m.config, 1, n))
+    return np.asarray(cache.keys[0][0])
+
+
+def test_compacted_cache_equals_autoregressive_cache_after_every_round(small_vocab_model):
+    m, k = small_vocab_model, 3
+    prompts = [[1, 2, 3, 1, 2, 3, 1], [4, 5, 6, 0, 1, 2, 3]]
+    ar = pj.generate(m, prompts, max_new_tokens=30, eos_token_id=()).token_ids
+    spec = DecodeSpec("pass", k, "tree", pj.Sampler(), 30, (), DraftTree.parse("3,2;ngram=3"))
+    la = pj.init_lookahead(m.params, k, "random", key=jax.random.key(0))
+    padded = jnp.asarray([p + [0] * (16 - len(p)) for p in prompts])
+    lens = jnp.asarray([len(p) for p in prompts])
+    keys = jnp.zeros((2, 2), jnp.uint32)
+    state = jax.jit(functools.partial(_prefill, cfg=m.config, spec=spec, max_len=96))(
+        m.params, lookahead=la, row_keys=keys, prompts=padded, prompt_lens=lens)
+    step = jax.jit(functools.partial(_tree_round, cfg=m.config, spec=spec))
+    branched = 0
+    while not bool(state.done.all()):
+        before = np.asarray(state.out_len)
+        state = step(m.params, lookahead=la, row_keys=keys, prompts=padded, prompt_lens=lens, state=state)
+        out_len, lengths = np.asarray(state.out_len), np.asarray(state.cache.lengths)
+        np.testing.assert_array_equal(lengths, np.asarray(lens) + out_len - 1)
+        for row in range(2):
+            assert np.asarray(state.out)[row, :out_len[row]].tolist() == ar[row][:out_len[row]]
+            seq = prompts[row] + ar[row]
+            np.testing.assert_allclose(np.asarray(state.cache.keys[0][row, :lengths[row]]),
+                                       _ar_cache_keys(m, seq, lengths[row]), atol=2e-5)
+            branched += out_len[row] - before[row] > 1
+    assert branched >= 3, "the test should see rounds that accepted drafts"
+
+
+@pytest.mark.parametrize("tree", ["3,2,1;ngram=3", "ngram=4"])
+def test_sampled_tree_equals_autoregressive_sampling_for_the_same_seed(small_vocab_model, tree):
+    m = small_vocab_model
+    prompts = PROMPTS + REPETITIVE
+    la = pj.init_lookahead(m.params, 3, "random", key=jax.random.key(3))
+    method = {"method": "ngram"} if tree.startswith("ngram") else {"method": "pass", "variant": "tree", "k": 3,
+                                                                    "lookahead": la}
+    for kw in ({"temperature": 1.0}, {"temperature": 0.8, "top_k": 3}, {"temperature": 1.2, "top_p": 0.7}):
+        ar = pj.generate(m, prompts, max_new_tokens=30, eos_token_id=(), seed=5, **kw)
+        r = pj.generate(m, prompts, max_new_tokens=30, eos_token_id=(), seed=5, tree=tree, **method, **kw)
+        assert r.token_ids == ar.token_ids
+        assert r.stats["tokens_per_forward"] > 1.05
