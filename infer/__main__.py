@@ -21,19 +21,29 @@ def _generate_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate text with autoregressive decoding or PaSS",
                        description="Generate continuations of one or more prompts. With --json, stdout is one JSON "
                                    "object (method, k, texts, token_ids, stats); logs go to stderr.")
-    p.add_argument("--model", help="Hugging Face model directory (Llama, Mistral or Qwen2); default: the embedded "
-                   "demo code model")
-    p.add_argument("--method", choices=["ar", "pass", "speculative"], default="pass",
-                   help="ar: autoregressive decoding; pass: PaSS look-ahead drafting (default); "
-                        "speculative: classic two-model speculative sampling with --draft-model")
+    p.add_argument("--model", help="Hugging Face model directory (Llama, Mistral or Qwen2), a llama .gguf file, or a "
+                   "hub id where a hub is reachable; default: the embedded demo code model")
+    p.add_argument("--method", choices=["ar", "pass", "ngram", "speculative"], default="pass",
+                   help="ar: autoregressive decoding; pass: PaSS look-ahead drafting (default); ngram: drafts "
+                        "from the prompt and output (prompt lookup), no look-ahead; speculative: classic two-model "
+                        "speculative sampling with --draft-model")
     p.add_argument("--draft-model", help="draft model directory for --method speculative (same tokenizer)")
     p.add_argument("--k", type=int, default=None,
                    help="look-ahead tokens per pass, 1..16 (default: the look-ahead checkpoint's k, else 4)")
     p.add_argument("--lookahead", default=None,
                    help="look-ahead checkpoint directory, or 'untrained' (copies of an UNK-like embedding); "
                         "default: the demo model's trained embeddings with the demo model, else untrained")
-    p.add_argument("--variant", choices=["fused", "paper"], default="fused",
-                   help="fused: drafts ride along in the verification pass (default); paper: separate passes")
+    p.add_argument("--variant", choices=["tree", "fused", "paper"], default="tree",
+                   help="tree: a tree of look-ahead and n-gram candidates verified in one pass per round "
+                        "(default); fused: the paper's chain, drafts ride along in the verification pass; "
+                        "paper: the paper's chain with separate drafting passes")
+    p.add_argument("--tree", default=None,
+                   help="candidate tree for --variant tree and --method ngram: look-ahead widths per depth, then "
+                        "options, e.g. '3,1;ngram=4' (top-3 of look-ahead 1, top-1 of look-ahead 2 under the "
+                        "best, plus a 4-token n-gram chain), ';blocks=B' to put look-ahead blocks on the B "
+                        "likeliest nodes only; 'ngram=4' alone for --method ngram (default: pass_jax.api.DEFAULT_TREE)")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template as a "
+                   "user message (instruct models)")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
     g.add_argument("--prompt-ids", type=_ids, action="append", help='token ids "1,2,3" (repeat for a batch)')
@@ -68,12 +78,13 @@ def run_generate(args) -> int:
         draft = load_model(args.draft_model, dtype=args.dtype, tokenizer=False)
     res = generate(model, prompts, max_new_tokens=args.max_new_tokens, method=args.method, k=args.k,
                    lookahead=lookahead, variant=args.variant, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, seed=args.seed, max_len=args.max_len, draft_model=draft)
+                   top_p=args.top_p, seed=args.seed, max_len=args.max_len, draft_model=draft, tree=args.tree,
+                   chat=args.chat)
     k = args.k if args.method != "ar" else 0
     ar = None
     if args.compare and args.method != "ar":
         ar = generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                      top_k=args.top_k, top_p=args.top_p, seed=args.seed, max_len=args.max_len)
+                      top_k=args.top_k, top_p=args.top_p, seed=args.seed, max_len=args.max_len, chat=args.chat)
     if args.json:
         out = {"method": args.method, "k": k, "texts": res.texts, "token_ids": res.token_ids, "stats": res.stats}
         if ar is not None:

@@ -80,17 +80,24 @@ def untrained_lookahead(model: Model, k: int):
     return init_lookahead(model.params, k, "token", unk if unk is not None else 0)
 
 
-def _tokenize(model: Model, prompts) -> list[list[int]]:
+def _tokenize(model: Model, prompts, chat: bool = False) -> list[list[int]]:
     if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], numbers.Integral)):
         prompts = [prompts]
     if not prompts:
         raise ValueError("no prompts given")
     ids = []
     for p in prompts:
+        if chat and not isinstance(p, str):
+            raise ValueError("chat=True takes text prompts (user messages), not token ids")
         if isinstance(p, str):
             if model.tokenizer is None:
                 raise ValueError("this model has no tokenizer: pass token ids instead of text")
-            p = model.tokenizer(p, add_special_tokens=True)["input_ids"]
+            if chat:
+                if not getattr(model.tokenizer, "chat_template", None):
+                    raise ValueError("this model's tokenizer has no chat template: drop --chat / chat=True")
+                p = model.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                        add_generation_prompt=True)
+            p = model.tokenizer(p, add_special_tokens=not chat)["input_ids"]
         p = [int(t) for t in p]
         if not p:
             raise ValueError("empty prompt: every prompt needs at least one token")
@@ -130,10 +137,11 @@ def _compiled(model: Model, spec: DecodeSpec, args, max_len: int, draft: Model |
 
 
 def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]], *, max_new_tokens: int = 64,
-             method: str = "ar", k: int = 4, lookahead=None, variant: str = "fused", temperature: float = 0.0,
+             method: str = "ar", k: int = 4, lookahead=None, variant: str = "tree", temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_token_id: int | Sequence[int] | None = None,
              max_len: int | None = None, draft_model: Model | None = None,
-             pad_prompts_to: int | None = None, tree: DraftTree | str | None = None) -> GenerationResult:
+             pad_prompts_to: int | None = None, tree: DraftTree | str | None = None,
+             chat: bool = False) -> GenerationResult:
     """Generate `max_new_tokens` per prompt (fewer where a row meets EOS).
 
     method "ar" is plain autoregressive decoding; "pass" drafts k tokens per forward pass with the
@@ -142,6 +150,7 @@ def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]
     vocabulary) proposing k tokens; "ngram" drafts from the row's own context (prompt lookup).
     variant "tree" (PaSS) verifies a tree of candidates per pass (`tree`: a DraftTree or its
     string form, e.g. "4,2,1;ngram=4"), "fused" / "paper" the paper's chain. temperature 0 is greedy. eos_token_id None takes the model's; () disables EOS stops.
+    chat=True wraps each text prompt in the tokenizer's chat template as a user message.
     max_len is the KV cache size (default: just what the request needs). pad_prompts_to pads the
     batch to one length, so differently sized requests share one compiled program.
     """
@@ -160,7 +169,7 @@ def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]
             raise ValueError(f"method 'ngram' takes a tree of n-gram drafts only (e.g. 'ngram=4'), got {tree.describe()!r}")
     elif method == "pass" and variant == "tree":
         tree = DEFAULT_TREE if tree is None else _as_tree(tree)
-        if tree.la_depth > k:
+        if tree.la_depth > check_k(k):
             raise ValueError(f"tree {tree.describe()!r} drafts {tree.la_depth} look-ahead positions deep, but k={k}")
     else:
         tree = None
@@ -169,6 +178,9 @@ def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]
         lookahead = untrained_lookahead(model, k) if lookahead is None else jnp.asarray(lookahead, jnp.float32)
         if lookahead.shape != (k, cfg.hidden_size):
             raise ValueError(f"look-ahead embeddings have shape {lookahead.shape}, expected ({k}, {cfg.hidden_size})")
+        if tree is not None:  # only the slots the tree reads (look-ahead i sees look-aheads 1..i alone)
+            k = max(tree.slots_used(k), 1)
+            lookahead = lookahead[:k]
     elif method == "speculative":
         k = check_k(k)
         if draft_model is None:
@@ -187,7 +199,7 @@ def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]
             eos.add(model.tokenizer.eos_token_id)
     else:
         eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
-    ids = _tokenize(model, prompts)
+    ids = _tokenize(model, prompts, chat)
     spec = DecodeSpec(method, k, variant, Sampler(float(temperature), int(top_k), float(top_p)), max_new_tokens,
                       tuple(sorted(eos)), tree)
     lens = [len(p) for p in ids]

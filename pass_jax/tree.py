@@ -100,6 +100,14 @@ class DraftTree:
     def max_rank(self) -> int:
         return 1 + max((p[-1] for p in self.paths), default=0)
 
+    def slots_used(self, k: int) -> int:
+        """Look-ahead slots a round can read. With a block on every node the accepted path always ends
+        at a block and reads slots 1..la_depth; otherwise a shifted ancestor's block may read deeper.
+        Look-ahead i sees only look-aheads 1..i, so the rest can be dropped without changing a draft."""
+        if self.la_blocks is None or self.la_blocks >= self.num_nodes:
+            return min(k, self.la_depth)
+        return min(k, self.la_depth + self.max_depth)
+
     def num_blocks(self, k: int) -> int:
         if k == 0:
             return 0
