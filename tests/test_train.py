@@ -145,3 +145,15 @@ def test_two_processes_match_one(base_dir, tmp_path):
                               env=_env(), cwd=REPO) for i in range(2)]
     assert [p.wait(timeout=300) for p in procs] == [0, 0]
     np.testing.assert_allclose(_leaf(tmp_path / "multi", base_dir), _leaf(tmp_path / "one", base_dir), atol=1e-5)
+
+
+def test_training_commands_share_common_without_importing_each_other():
+    import ast
+
+    def imported(name):
+        tree = ast.parse((REPO / "train" / f"{name}.py").read_text())
+        return {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 1}
+
+    assert "pretrain" not in imported("lookahead") and "lookahead" not in imported("pretrain")
+    assert "common" in imported("lookahead") and "common" in imported("pretrain")
+    assert not {"lookahead", "pretrain"} & imported("common")

@@ -14,12 +14,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     from . import lookahead, pretrain
+    from .common import apply_yaml_defaults
 
     lookahead.add_parser(sub)
     pretrain.add_parser(sub)
     try:
         if argv and argv[0] in sub.choices:
-            lookahead.apply_yaml_defaults(sub.choices[argv[0]], argv[1:])
+            apply_yaml_defaults(sub.choices[argv[0]], argv[1:])
         args = parser.parse_args(argv)
         return args.func(args)
     except (ConfigError, CacheOverflowError, ValueError, FileNotFoundError) as e:

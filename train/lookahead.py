@@ -62,50 +62,8 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def apply_yaml_defaults(parser: argparse.ArgumentParser, argv: list[str]) -> None:
-    """Let --config FILE set defaults; explicit flags still win. Keys and values are checked like flags."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config")
-    known, _ = pre.parse_known_args(argv)
-    if not known.config:
-        return
-    import yaml
-
-    values = yaml.safe_load(Path(known.config).read_text()) or {}
-    actions = {a.dest: a for a in parser._actions}
-    clean = {}
-    for key, value in values.items():
-        dest = key.replace("-", "_")
-        action = actions.get(dest)
-        if action is None or dest == "config":
-            raise ValueError(f"{known.config}: unknown setting {key!r}")
-        if action.nargs == "+" and not isinstance(value, list):
-            value = [value]
-        if action.type is not None and value is not None:
-            value = [action.type(v) for v in value] if isinstance(value, list) else action.type(value)
-        if action.choices is not None and value not in action.choices:
-            raise ValueError(f"{known.config}: {key} must be one of {', '.join(map(str, action.choices))}, "
-                             f"got {value!r}")
-        clean[dest] = value
-    parser.set_defaults(**clean)
-
-
 RUN_KEYS = ("data", "k", "steps", "batch_size", "seq_len", "stride", "loss", "lr", "schedule", "warmup",
             "weight_decay", "init", "seed", "self_samples", "self_temperature", "dtype")
-
-
-def check_resume(out: Path, args, keys=RUN_KEYS) -> None:
-    """Record the settings that shape the result; a resume with different ones would not be exact."""
-    path = out / "run_args.json"
-    mine = {k: getattr(args, k) for k in keys}
-    if path.is_file():
-        theirs = json.loads(path.read_text())
-        changed = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
-        if changed:
-            raise ValueError("--resume with settings that differ from the run being resumed: " +
-                             ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
-    else:
-        path.write_text(json.dumps(mine, indent=2))
 
 
 def _self_data(model, args, out: Path) -> np.ndarray:
@@ -160,6 +118,7 @@ def run(args) -> int:
     from pass_jax.sharding import make_mesh, replicate, shard_batch, shard_params
     from pass_jax.training import TrainLayout, make_train_step
 
+    from .common import check_resume
     from .data import Batches, read_texts, tokenize
 
     if not args.model or not args.out:
@@ -178,7 +137,7 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     primary = jax.process_index() == 0
     if primary:
-        check_resume(out, args)
+        check_resume(out, args, RUN_KEYS)
     model = load_model(args.model, dtype=args.dtype)
     if args.data == ["self"]:
         stream = _self_data(model, args, out)
@@ -187,7 +146,7 @@ def run(args) -> int:
             raise ValueError(f"{args.model} has no tokenizer: train on --data self instead")
         eos = model.config.eos_token_ids[0] if model.config.eos_token_ids else model.tokenizer.eos_token_id
         if args.data == ["stdlib"]:
-            from .pretrain import read_corpus
+            from .common import read_corpus
 
             docs = read_corpus(None, max_mb=64)
         else:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
@@ -20,10 +19,6 @@ import numpy as np
 MODEL_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
                 "head_dim", "tie_word_embeddings")
 SPECIAL = ["<unk>", "<s>", "</s>"]
-
-
-def stdlib_dir() -> str:
-    return sysconfig.get_paths()["stdlib"]
 
 
 def add_parser(sub) -> None:
@@ -54,37 +49,6 @@ def add_parser(sub) -> None:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run)
-
-
-def corpus_files(paths: list[str] | None) -> list[Path]:
-    if not paths:
-        root = Path(stdlib_dir())
-        return sorted(f for f in root.rglob("*.py")
-                      if not ({"test", "tests", "site-packages", "idle_test"} & set(f.relative_to(root).parts)))
-    files: list[Path] = []
-    for raw in paths:
-        p = Path(raw)
-        if not p.exists():
-            raise FileNotFoundError(f"corpus path {raw!r} does not exist")
-        files += sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
-    return files
-
-
-def read_corpus(paths, max_mb: float) -> list[str]:
-    docs, total = [], 0
-    for f in corpus_files(paths):
-        try:
-            text = f.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
-            continue
-        if text.strip():
-            docs.append(text)
-            total += len(text)
-            if total > max_mb * 1e6:
-                break
-    if not docs:
-        raise ValueError("the corpus holds no readable text")
-    return docs
 
 
 def train_tokenizer(docs: list[str], vocab_size: int):
@@ -136,7 +100,7 @@ def run(args) -> int:
     if ckpt_dir.exists() and any(ckpt_dir.iterdir()) and not args.resume:
         raise ValueError(f"{out} already holds checkpoints: pass --resume to continue, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    from .lookahead import check_resume
+    from .common import check_resume, read_corpus
 
     check_resume(out, args, (*MODEL_FIELDS, "corpus", "seq_len", "batch_size", "steps", "lr", "warmup",
                              "weight_decay", "seed", "max_corpus_mb"))
