@@ -78,9 +78,10 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from pass_jax import load_model
-    from pass_jax.checkpoint import resolve_lookahead
-    from pass_jax.demo import with_demo_defaults
 
+    from .options import check_k_arg, resolve_lookahead, with_demo_defaults
+
+    check_k_arg(args.k)
     args.model, args.lookahead = with_demo_defaults(args.model, args.lookahead)
     model = load_model(args.model)
     if model.tokenizer is None:

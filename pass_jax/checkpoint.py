@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import ConfigError
+from .lookahead import check_k
 
 METADATA = "lookahead.json"
 
@@ -40,20 +41,16 @@ def save_lookahead(path: str | os.PathLike, lookahead, model, extra: dict | None
         (path / METADATA).write_text(json.dumps(meta, indent=2))
 
 
-def resolve_lookahead(spec: str, model, k: int | None):
-    """(embeddings, k) for a --lookahead value: 'untrained' gives (None, k or 4); a checkpoint must hold k."""
-    if spec == "untrained":
-        return None, k or 4
-    la = load_lookahead(spec, model)
-    if k is not None and la.shape[0] != k:
-        raise ValueError(f"look-ahead checkpoint {spec!r} holds k={la.shape[0]} embeddings; pass --k {la.shape[0]}")
-    return la, la.shape[0]
+def load_lookahead(path: str | os.PathLike, model, k: int | None = None):
+    """[k, d_model] look-ahead embeddings, after checking they were trained for this model.
 
-
-def load_lookahead(path: str | os.PathLike, model):
-    """[k, d_model] look-ahead embeddings, after checking they were trained for this model."""
+    k None takes all of them; a smaller k takes the first k, a valid leaf on its own because
+    look-ahead i attends only to look-aheads 1..i.
+    """
     import orbax.checkpoint as ocp
 
+    if k is not None:
+        k = check_k(k)  # named as such, whatever the checkpoint holds
     path = Path(path).absolute()
     meta_path = path / METADATA
     if not meta_path.is_file():
@@ -76,4 +73,7 @@ def load_lookahead(path: str | os.PathLike, model):
         raise ConfigError(f"cannot read look-ahead checkpoint {str(path)!r}: {type(e).__name__}: {e}") from None
     if tuple(la.shape) != (meta["k"], meta["d_model"]):
         raise ConfigError(f"look-ahead checkpoint {str(path)!r} is corrupt: shape {la.shape} != metadata")
-    return jnp.asarray(la, jnp.float32)
+    if k is not None and k > la.shape[0]:
+        raise ValueError(f"look-ahead checkpoint {str(path)!r} holds k={la.shape[0]} embeddings, fewer than the "
+                         f"k={k} asked for: use k <= {la.shape[0]} or train a larger k")
+    return jnp.asarray(la[:k], jnp.float32)

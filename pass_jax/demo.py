@@ -20,10 +20,3 @@ def demo_model_dir() -> str:
 
 def demo_lookahead_dir() -> str | None:
     return str(DEMO_LOOKAHEAD) if (DEMO_LOOKAHEAD / "lookahead.json").is_file() else None
-
-
-def with_demo_defaults(model: str | None, lookahead: str | None) -> tuple[str, str]:
-    """A command's (model dir, look-ahead spec): no model means the demo model and its trained look-ahead."""
-    if model is None:
-        return demo_model_dir(), lookahead or demo_lookahead_dir() or "untrained"
-    return model, lookahead or "untrained"

@@ -45,7 +45,42 @@ def test_generate_with_lookahead_checkpoint(hf_dirs, tmp_path, capsys):
     assert code == 0 and len(json.loads(out)["token_ids"][0]) == 5
     code, _, err = _run(["generate", "--model", path, "--k", "4", "--lookahead", str(tmp_path / "la"),
                          "--prompt-ids", "7", "--json"], capsys)
-    assert code == 2 and "k=2" in err
+    assert code == 2 and "holds k=2" in err and "k=4 asked for" in err
+
+
+@pytest.fixture(scope="module")
+def k8_checkpoint(hf_dirs, tmp_path_factory):
+    model = pj.load_model(hf_dirs["llama"][1])
+    la = pj.init_lookahead(model.params, 8, "random")
+    path = tmp_path_factory.mktemp("la8")
+    save_lookahead(path, la, model)
+    return model, la, str(path)
+
+
+def test_a_k8_checkpoint_runs_at_k4_as_its_first_4_embeddings(hf_dirs, k8_checkpoint, capsys):
+    from pass_jax.checkpoint import load_lookahead
+
+    model, la, path = k8_checkpoint
+    assert (load_lookahead(path, model, 4) == la[:4]).all()
+    code, out, _ = _run(["generate", "--model", hf_dirs["llama"][1], "--lookahead", path, "--k", "4", "--variant",
+                         "fused", "--temperature", "1", "--prompt-ids", "5,6,7", "--max-new-tokens", "16", "--json"],
+                        capsys)
+    res = json.loads(out)
+    assert code == 0 and res["k"] == 4
+    kw = dict(max_new_tokens=16, method="pass", k=4, variant="fused", temperature=1.0)
+    first = pj.generate(model, [[5, 6, 7]], lookahead=la[:4], **kw)
+    assert res["token_ids"] == first.token_ids  # sampled drafts: the output depends on which embeddings ran
+    assert res["stats"]["acceptance_by_position"] == first.stats["acceptance_by_position"]
+    assert pj.generate(model, [[5, 6, 7]], lookahead=la[4:], **kw).token_ids != first.token_ids
+
+
+@pytest.mark.parametrize("argv", [["--k", "0"], ["--k", "17"], ["--k", "0", "--lookahead", "untrained"],
+                                  ["--k", "0", "--method", "ar"], ["--k", "-1", "--method", "speculative"]])
+def test_k_outside_1_to_16_is_named_whatever_else_is_given(hf_dirs, k8_checkpoint, capsys, argv):
+    if "--lookahead" not in argv:
+        argv = [*argv, "--lookahead", k8_checkpoint[2]]
+    code, _, err = _run(["generate", "--model", hf_dirs["llama"][1], "--prompt-ids", "1", *argv], capsys)
+    assert code == 2 and "k must be an integer in 1..16" in err
 
 
 def test_lookahead_checkpoint_for_another_model_is_refused(hf_dirs, tmp_path):

@@ -1,0 +1,37 @@
+"""Command-line policy shared by `infer generate`, `infer humaneval` and `infer bench`: defaults and
+the spellings users type (--lookahead untrained, no --model = the demo model), kept out of the library."""
+
+from __future__ import annotations
+
+from pass_jax.checkpoint import load_lookahead
+from pass_jax.demo import demo_lookahead_dir, demo_model_dir
+from pass_jax.lookahead import check_k
+
+DEFAULT_K = 4
+
+
+def with_demo_defaults(model: str | None, lookahead: str | None) -> tuple[str, str]:
+    """A command's (model dir, look-ahead spec): no model means the demo model and its trained look-ahead."""
+    if model is None:
+        return demo_model_dir(), lookahead or demo_lookahead_dir() or "untrained"
+    return model, lookahead or "untrained"
+
+
+def check_k_arg(k: int | None) -> None:
+    """Reject a --k outside 1..16 first, before a model or checkpoint could report something else."""
+    if k is not None:
+        check_k(k)
+
+
+def resolve_k(k: int | None) -> int:
+    """--k, or the default when it is not given; a k outside 1..16 is named as such."""
+    return DEFAULT_K if k is None else check_k(k)
+
+
+def resolve_lookahead(spec: str, model, k: int | None):
+    """(embeddings, k) for --lookahead and --k: 'untrained' gives (None, k or 4); a checkpoint gives its
+    embeddings, the first k of them when --k is smaller than the k it was trained with."""
+    if spec == "untrained":
+        return None, resolve_k(k)
+    la = load_lookahead(spec, model, None if k is None else check_k(k))
+    return la, la.shape[0]
