@@ -61,16 +61,17 @@ def _generate_parser(sub) -> None:
 
 def run_generate(args) -> int:
     from pass_jax import generate, load_model
-    from pass_jax.checkpoint import resolve_lookahead
-    from pass_jax.demo import with_demo_defaults
 
+    from .options import check_k_arg, resolve_k, resolve_lookahead, with_demo_defaults
+
+    check_k_arg(args.k)
     args.model, args.lookahead = with_demo_defaults(args.model, args.lookahead)
     model = load_model(args.model, dtype=args.dtype)
     prompts = args.prompt if args.prompt else args.prompt_ids
     lookahead = None
     if args.method == "pass":
         lookahead, args.k = resolve_lookahead(args.lookahead, model, args.k)
-    args.k = args.k or 4
+    args.k = resolve_k(args.k)
     draft = None
     if args.method == "speculative":
         if not args.draft_model:
