@@ -119,6 +119,9 @@ def main(argv=None) -> int:
     from .convert import add_parser as add_convert  # convert, fetch-smollm2
 
     add_convert(sub)
+    from .tune import add_parser as add_tune
+
+    add_tune(sub)
     args = parser.parse_args(argv)
     try:
         return args.func(args) if hasattr(args, "func") else run_generate(args)

@@ -235,6 +235,9 @@ def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]
         "acceptance_by_position": [float(a) / rounds if rounds else 0.0 for a in np.asarray(state.accepted)],
         "row_forward_passes": row_passes.tolist(),
     }
+    if state.node_hits is not None:  # tree methods: how often each node was on the accepted path
+        hits = np.asarray(state.node_hits)
+        stats["node_acceptance"] = (hits / max(int(hits[0]), 1)).tolist()
     texts = None
     if model.tokenizer is not None:
         texts = [model.tokenizer.decode(t, skip_special_tokens=True) for t in token_ids]

@@ -80,6 +80,7 @@ class DecodeState:
     draft_rounds: jax.Array  # scalar: (row, round) pairs that verified drafts
     draft_cache: KVCache | None = None  # the draft model's cache (two-model speculative sampling only)
     top_candidates: jax.Array | None = None  # [B, k, C] tree methods: best C tokens of each look-ahead output
+    node_hits: jax.Array | None = None  # [N] tree methods: (row, round) pairs whose accepted path held node i
 
 
 def block_layout(lengths, n_drafts, n_tok: int, n_la: int):
@@ -203,6 +204,7 @@ def _tree_round(params, cfg: ModelConfig, spec: DecodeSpec, lookahead, row_keys,
         cache=cache,
         accepted=state.accepted + jnp.sum((a[:, None] > jnp.arange(tree.max_depth)[None]) & live[:, None], 0),
         draft_rounds=state.draft_rounds + live.sum(),
+        node_hits=state.node_hits + jnp.sum(ancestors[end] & live[:, None], 0),
     )
     if n_blocks:  # next drafts: the block of the deepest accepted node that has one, shifted past the accepted
         with_block = ancestors[end] & (jnp.arange(n) < n_blocks)[None]
@@ -237,7 +239,8 @@ def _prefill(params, cfg: ModelConfig, spec: DecodeSpec, lookahead, row_keys, pr
         cache=cache, pending=first, drafts=jnp.zeros((b, k), jnp.int32), draft_probs=jnp.zeros((b, k, v)),
         n_drafts=zero, out=jnp.zeros((b, spec.max_new_tokens + spec.block_tokens + 1), jnp.int32), out_len=zero,
         done=jnp.zeros((b,), bool), row_passes=zero, calls=jnp.int32(0),
-        accepted=jnp.zeros((spec.max_drafts,), jnp.int32), draft_rounds=jnp.int32(0))
+        accepted=jnp.zeros((spec.max_drafts,), jnp.int32), draft_rounds=jnp.int32(0),
+        node_hits=jnp.zeros((spec.tree.num_nodes,), jnp.int32) if spec.is_tree else None)
     if use_la and spec.is_tree:
         top = jax.lax.top_k(logits_from_hidden(params, hidden[:, tp:]), spec.tree.max_rank)[1]
         state = state.replace(top_candidates=top.astype(jnp.int32), n_drafts=jnp.full((b,), k, jnp.int32))
