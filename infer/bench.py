@@ -17,11 +17,12 @@ import platform
 import sys
 import tempfile
 import time
+from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "models.yaml"
+PRESETS = files("infer") / "data" / "models.yaml"  # package data: found from any install
 
 
 def add_parser(sub) -> None:
@@ -29,8 +30,8 @@ def add_parser(sub) -> None:
                        formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
     p.add_argument("--suite", choices=["decode", "passes", "overhead"], default="decode")
     p.add_argument("--method", choices=["ar"], default="ar", help="decode suite: the method measured (ar)")
-    p.add_argument("--models", default=None, help="comma-separated presets from configs/models.yaml "
-                   "(default per suite: decode 7m,35m,120m; passes 35m,120m; overhead 12m,35m,120m)")
+    p.add_argument("--models", default=None, help="comma-separated presets from infer/data/models.yaml, e.g. "
+                   "35m,120m or tiny (default per suite: decode 7m,35m,120m; passes 35m,120m; overhead 12m,35m,120m)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="parameter dtype")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per timed run (default 64)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement; the median is kept")
@@ -45,7 +46,7 @@ def add_parser(sub) -> None:
 def presets() -> dict:
     import yaml
 
-    return yaml.safe_load(CONFIGS.read_text())
+    return yaml.safe_load(PRESETS.read_text())
 
 
 def random_model(name: str, dtype: str):

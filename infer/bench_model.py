@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import time
+from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
 
-DEFAULT_PROMPTS = Path(__file__).resolve().parent / "prompts" / "code.jsonl"
+DEFAULT_PROMPTS = files("infer") / "prompts" / "code.jsonl"  # package data
 
 
 def add_model_args(p) -> None:
