@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
-from pass_jax.cache import CacheOverflowError
-from pass_jax.config import ConfigError
+# transformers (tokenizers only, here) would tell every user without PyTorch that its models are
+# unavailable; its errors still show. Set before anything imports it; TRANSFORMERS_VERBOSITY overrides.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from pass_jax.cache import CacheOverflowError  # noqa: E402
+from pass_jax.config import ConfigError  # noqa: E402
 
 
 def _ids(text: str) -> list[int]:

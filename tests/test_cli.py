@@ -1,6 +1,7 @@
 """`python -m infer generate`: the JSON contract of DESIGN.md section 3 and clear errors."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -185,3 +186,16 @@ def test_readme_main_command_runs_on_the_embedded_demo_model(capsys):
     res = json.loads(out)
     assert code == 0 and res["method"] == "pass" and res["k"] == 8  # the demo's trained look-ahead
     assert res["autoregressive"]["token_ids"] == res["token_ids"] and res["texts"][0]
+
+
+def test_main_command_prints_no_third_party_warnings(tmp_path):
+    """The README's main command, run as a user without PyTorch would (torch made unimportable): stderr stays
+    empty, since generate logs nothing on success; transformers used to announce that PyTorch was not found."""
+    main_command = ["generate", "--prompt", "def f(x):", "--compare", "--max-new-tokens", "8"]
+    code = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = ['infer', *sys.argv[1:]]; "
+            "runpy.run_module('infer', run_name='__main__', alter_sys=True)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRANSFORMERS_")}
+    res = subprocess.run([sys.executable, "-c", code, *main_command], capture_output=True, text=True, cwd=tmp_path,
+                         env=env)
+    assert res.returncode == 0 and "speed-up" in res.stdout
+    assert [line for line in res.stderr.splitlines() if line.strip()] == []
