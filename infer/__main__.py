@@ -60,7 +60,8 @@ def _generate_parser(sub) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="parameter dtype")
     p.add_argument("--max-len", type=int, help="KV cache size (default: what the request needs)")
     p.add_argument("--compare", action="store_true",
-                   help="also decode autoregressively and report the speed-up (JSON key 'autoregressive')")
+                   help="also decode autoregressively and report the speed-up (JSON key 'autoregressive'); each "
+                        "method is warmed up, then the two alternate and the medians of 3 runs are reported")
     p.add_argument("--json", action="store_true", help="print one JSON object to stdout")
 
 
@@ -82,15 +83,22 @@ def run_generate(args) -> int:
         if not args.draft_model:
             raise ValueError("--method speculative needs --draft-model DIR")
         draft = load_model(args.draft_model, dtype=args.dtype, tokenizer=False)
-    res = generate(model, prompts, max_new_tokens=args.max_new_tokens, method=args.method, k=args.k,
-                   lookahead=lookahead, variant=args.variant, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, seed=args.seed, max_len=args.max_len, draft_model=draft, tree=args.tree,
-                   chat=args.chat)
+    common = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                  top_p=args.top_p, seed=args.seed, max_len=args.max_len, chat=args.chat)
+
+    def run():
+        return generate(model, prompts, method=args.method, k=args.k, lookahead=lookahead, variant=args.variant,
+                        draft_model=draft, tree=args.tree, **common)
+
     k = args.k if args.method != "ar" else 0
     ar = None
-    if args.compare and args.method != "ar":
-        ar = generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                      top_k=args.top_k, top_p=args.top_p, seed=args.seed, max_len=args.max_len, chat=args.chat)
+    if args.compare and args.method != "ar":  # both warmed up, then alternated: medians of 3 each
+        from .timing import alternate_medians
+
+        timed = alternate_medians({"method": run, "ar": lambda: generate(model, prompts, **common)})
+        res, ar = timed["method"], timed["ar"]
+    else:
+        res = run()
     if args.json:
         out = {"method": args.method, "k": k, "texts": res.texts, "token_ids": res.token_ids, "stats": res.stats}
         if ar is not None:

@@ -41,10 +41,12 @@ def _run_all(model, ids, batch, pad_to, **kw):
     """Generate for every prompt in batches; total seconds, tokens, passes and the outputs."""
     from pass_jax import generate
 
+    from .timing import warm
+
     out, secs, new, row_passes, accepted = [], 0.0, 0, 0, []
     for i in range(0, len(ids), batch):
         chunk = ids[i:i + batch]
-        res = generate(model, chunk, pad_prompts_to=pad_to, eos_token_id=(), **kw)
+        res = warm(lambda: generate(model, chunk, pad_prompts_to=pad_to, eos_token_id=(), **kw))  # never a first run
         out += res.token_ids
         secs += res.stats["seconds"]
         new += res.stats["new_tokens"]
@@ -100,7 +102,6 @@ def run_model_bench(args) -> dict:
     for batch, temp, k, variant in tqdm(jobs, desc="bench", unit="run"):
         kw = {"max_new_tokens": args.new_tokens, "temperature": temp, "seed": 0}
         if k is None:
-            _run_all(model, ids[:batch], batch, pad_to, **kw)  # compile outside the timed runs
             runs = [_run_all(model, ids, batch, pad_to, **kw) for _ in range(args.repeats)]
             ar[batch, temp] = min(runs, key=lambda r: r["seconds"])
             rows.append({"method": "ar", "batch": batch, "temperature": temp, "k": 0, "tokens_per_forward": 1.0,
@@ -108,7 +109,6 @@ def run_model_bench(args) -> dict:
             continue
         name, var, use_trained = variant
         kw.update(method="pass", k=k, variant=var, lookahead=trained[:k] if use_trained else None)
-        _run_all(model, ids[:batch], batch, pad_to, **kw)
         res = min((_run_all(model, ids, batch, pad_to, **kw) for _ in range(args.repeats)), key=lambda r: r["seconds"])
         base = ar[batch, temp]
         row = {"method": name, "batch": batch, "temperature": temp, "k": k,

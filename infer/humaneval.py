@@ -47,11 +47,13 @@ def truncate(completion: str) -> str:
 def _complete(model, prompts, args, **kw):
     from pass_jax import generate
 
+    from .timing import warm
+
     texts, seconds, tokens, passes = [], 0.0, 0, 0
-    for i in range(0, len(prompts), args.batch_size):
-        res = generate(model, prompts[i:i + args.batch_size], max_new_tokens=args.max_new_tokens,
-                       temperature=args.temperature, top_p=args.top_p if args.temperature > 0 else 1.0,
-                       seed=args.seed + i, **kw)
+    for i in range(0, len(prompts), args.batch_size):  # warm: no timed run is a first execution
+        res = warm(lambda: generate(model, prompts[i:i + args.batch_size], max_new_tokens=args.max_new_tokens,
+                                    temperature=args.temperature, top_p=args.top_p if args.temperature > 0 else 1.0,
+                                    seed=args.seed + i, **kw))
         texts += res.texts
         seconds += res.stats["seconds"]
         tokens += res.stats["new_tokens"]
