@@ -59,6 +59,8 @@ def _generate_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="parameter dtype")
     p.add_argument("--max-len", type=int, help="KV cache size (default: what the request needs)")
+    p.add_argument("--allow-long", action="store_true", help="run a request past the model's "
+                   "max_position_embeddings with a warning instead of an error")
     p.add_argument("--compare", action="store_true",
                    help="also decode autoregressively and report the speed-up (JSON key 'autoregressive'); each "
                         "method is warmed up, then the two alternate and the medians of 3 runs are reported")
@@ -84,7 +86,7 @@ def run_generate(args) -> int:
             raise ValueError("--method speculative needs --draft-model DIR")
         draft = load_model(args.draft_model, dtype=args.dtype, tokenizer=False)
     common = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                  top_p=args.top_p, seed=args.seed, max_len=args.max_len, chat=args.chat)
+                  top_p=args.top_p, seed=args.seed, max_len=args.max_len, chat=args.chat, allow_long=args.allow_long)
 
     def run():
         return generate(model, prompts, method=args.method, k=args.k, lookahead=lookahead, variant=args.variant,

@@ -6,6 +6,7 @@ import dataclasses
 import numbers
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -141,7 +142,7 @@ def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_token_id: int | Sequence[int] | None = None,
              max_len: int | None = None, draft_model: Model | None = None,
              pad_prompts_to: int | None = None, tree: DraftTree | str | None = None,
-             chat: bool = False) -> GenerationResult:
+             chat: bool = False, allow_long: bool = False) -> GenerationResult:
     """Generate `max_new_tokens` per prompt (fewer where a row meets EOS).
 
     method "ar" is plain autoregressive decoding; "pass" drafts k tokens per forward pass with the
@@ -152,7 +153,8 @@ def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]
     string form, e.g. "4,2,1;ngram=4"), "fused" / "paper" the paper's chain. temperature 0 is greedy. eos_token_id None takes the model's; () disables EOS stops.
     chat=True wraps each text prompt in the tokenizer's chat template as a user message.
     max_len is the KV cache size (default: just what the request needs). pad_prompts_to pads the
-    batch to one length, so differently sized requests share one compiled program.
+    batch to one length, so differently sized requests share one compiled program. A request past the
+    model's max_position_embeddings is an error, or with allow_long=True a warning.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -205,6 +207,14 @@ def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]
     lens = [len(p) for p in ids]
     tp = _round_up(max(max(lens), pad_prompts_to or 0), 16)
     needed = max(tp + k, max(lens) + max_new_tokens + spec.block_tokens)
+    reach = max(lens) + max_new_tokens + spec.block_tokens  # positions a row may use: prompt, output, draft block
+    if reach > cfg.max_position_embeddings:
+        msg = (f"this request reaches position {reach} (longest prompt {max(lens)} + max_new_tokens {max_new_tokens} + "
+               f"{spec.block_tokens} draft-block entries), past the model's max_position_embeddings "
+               f"{cfg.max_position_embeddings}")
+        if not allow_long:
+            raise ValueError(f"{msg}; shorten the prompt, lower max_new_tokens, or pass allow_long=True (--allow-long)")
+        warnings.warn(f"{msg}: output past the trained context may be poor", stacklevel=2)
     if max_len is None:
         max_len = _round_up(needed, 64)
     elif needed > max_len:

@@ -199,3 +199,15 @@ def test_main_command_prints_no_third_party_warnings(tmp_path):
                          env=env)
     assert res.returncode == 0 and "speed-up" in res.stdout
     assert [line for line in res.stderr.splitlines() if line.strip()] == []
+
+
+def test_allow_long_turns_the_context_error_into_a_warning(tmp_path, capsys):
+    from .conftest import build_hf_model
+
+    build_hf_model("llama", max_position_embeddings=16).save_pretrained(tmp_path)
+    argv = ["generate", "--model", str(tmp_path), "--method", "ar", "--prompt-ids", "1,2,3", "--max-new-tokens", "20"]
+    code, _, err = _run(argv, capsys)
+    assert code == 2 and "max_position_embeddings 16" in err and "--allow-long" in err
+    with pytest.warns(UserWarning, match="max_position_embeddings 16"):
+        code, out, _ = _run([*argv, "--allow-long", "--json"], capsys)
+    assert code == 0 and len(json.loads(out)["token_ids"][0]) == 20

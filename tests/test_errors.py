@@ -103,3 +103,22 @@ def test_bad_prompts(bad, msg):
 def test_bad_generation_arguments(kwargs, msg):
     with pytest.raises(ValueError, match=msg):
         pj.generate(tiny_model(), [[1, 2]], **kwargs)
+
+
+def test_request_past_max_position_embeddings():
+    import dataclasses
+    import warnings
+
+    m = tiny_model()
+    m = pj.Model(dataclasses.replace(m.config, max_position_embeddings=32), m.params)
+    assert len(pj.generate(m, [[1, 2, 3]], max_new_tokens=28).token_ids[0]) == 28  # 3 + 28 + 1 = 32 fits
+    with pytest.raises(ValueError, match="reaches position 33 .* max_position_embeddings 32.*allow_long"):
+        pj.generate(m, [[1, 2, 3]], max_new_tokens=29)
+    with pytest.raises(ValueError, match="max_position_embeddings 32"):  # the draft block counts too
+        pj.generate(m, [[1, 2, 3]], max_new_tokens=20, method="pass", k=8, variant="fused")
+    with pytest.warns(UserWarning, match="max_position_embeddings 32"):
+        r = pj.generate(m, [[1, 2, 3]], max_new_tokens=40, allow_long=True)
+    assert len(r.token_ids[0]) == 40
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pj.generate(m, [[1, 2, 3]], max_new_tokens=8)  # within bounds: silent
