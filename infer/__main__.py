@@ -102,23 +102,24 @@ def run_generate(args) -> int:
     else:
         res = run()
     if args.json:
-        out = {"method": args.method, "k": k, "texts": res.texts, "token_ids": res.token_ids, "stats": res.stats}
+        out = {"method": args.method, "k": k, "texts": res.texts, "token_ids": res.token_ids,
+               "stats": res.stats.to_dict()}
         if ar is not None:
-            out["autoregressive"] = {"token_ids": ar.token_ids, "stats": ar.stats,
-                                     "speedup": ar.stats["seconds"] / res.stats["seconds"]}
+            out["autoregressive"] = {"token_ids": ar.token_ids, "stats": ar.stats.to_dict(),
+                                     "speedup": ar.stats.seconds / res.stats.seconds}
         print(json.dumps(out))
         return 0
     for i, ids in enumerate(res.token_ids):
         body = res.texts[i] if res.texts is not None else " ".join(map(str, ids))
         print(f"--- completion {i} ---\n{body}")
     s = res.stats
-    print(f"[{args.method}{f' k={k}' if k else ''}] {s['new_tokens']} tokens, {s['forward_passes']} forward passes, "
-          f"{s['tokens_per_forward']:.2f} tokens/pass, {s['tokens_per_second']:.1f} tokens/s "
-          f"(compile {s['compile_seconds']:.1f} s)")
+    print(f"[{args.method}{f' k={k}' if k else ''}] {s.new_tokens} tokens, {s.forward_passes} forward passes, "
+          f"{s.tokens_per_forward:.2f} tokens/pass, {s.tokens_per_second:.1f} tokens/s "
+          f"(compile {s.compile_seconds:.1f} s)")
     if ar is not None:
         same = "identical output" if ar.token_ids == res.token_ids else "output differs (sampling)"
-        print(f"[ar] {ar.stats['tokens_per_second']:.1f} tokens/s -> speed-up "
-              f"{ar.stats['seconds'] / s['seconds']:.2f}x ({same})")
+        print(f"[ar] {ar.stats.tokens_per_second:.1f} tokens/s -> speed-up "
+              f"{ar.stats.seconds / s.seconds:.2f}x ({same})")
     return 0
 
 

@@ -7,6 +7,8 @@ Suites (each writes JSON to --out and prints a table):
             ratio to the 1-token pass (what PaSS's speed-up rests on).
   overhead  PaSS with untrained look-ahead (almost nothing accepted) against autoregressive decoding:
             wall time per token, the loop's overhead.
+  methods   with --model: autoregressive, ngram, PaSS chain (paper, fused), tree and tree + ngram on
+            real prompts, per dtype, batch size and sampling setting (infer/bench_methods.py).
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ PRESETS = files("infer") / "data" / "models.yaml"  # package data: found from an
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmark decoding on random LLaMA configs", description=__doc__,
                        formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
-    p.add_argument("--suite", choices=["decode", "passes", "overhead"], default="decode")
+    p.add_argument("--suite", choices=["decode", "passes", "overhead", "methods"], default="decode",
+                   help="methods: every decoding method on --model's prompts (see its options below)")
     p.add_argument("--method", choices=["ar"], default="ar", help="decode suite: the method measured (ar)")
     p.add_argument("--models", default=None, help="comma-separated presets from infer/data/models.yaml, e.g. "
                    "35m,120m or tiny (default per suite: decode 7m,35m,120m; passes 35m,120m; overhead 12m,35m,120m)")
@@ -40,6 +43,9 @@ def add_parser(sub) -> None:
     from .bench_model import add_model_args
 
     add_model_args(p)
+    from .bench_methods import add_methods_args
+
+    add_methods_args(p)
     p.set_defaults(func=run)
 
 
@@ -211,7 +217,11 @@ def _log(row: dict) -> None:
 def run(args) -> int:
     import jax
 
-    if args.model:
+    if args.suite == "methods":
+        from .bench_methods import run_methods_bench
+
+        fn, default = (lambda a, _names: run_methods_bench(a)), ""
+    elif args.model:
         from .bench_model import run_model_bench
 
         fn, default = (lambda a, _names: run_model_bench(a)), ""
@@ -221,7 +231,7 @@ def run(args) -> int:
     unknown = [n for n in names if n not in presets()]
     if unknown:
         raise ValueError(f"unknown model presets {unknown}; known: {', '.join(presets())}")
-    result = {"suite": "model" if args.model else args.suite, "dtype": args.dtype, "new_tokens": args.new_tokens, "repeats": args.repeats,
+    result = {"suite": "model" if args.model and args.suite != "methods" else args.suite, "dtype": args.dtype, "new_tokens": args.new_tokens, "repeats": args.repeats,
               "command": "python -m infer " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("__main__.py") else None,
               "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "jax": jax.__version__,
                           "device": str(jax.devices()[0])},

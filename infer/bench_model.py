@@ -48,10 +48,10 @@ def _run_all(model, ids, batch, pad_to, **kw):
         chunk = ids[i:i + batch]
         res = warm(lambda: generate(model, chunk, pad_prompts_to=pad_to, eos_token_id=(), **kw))  # never a first run
         out += res.token_ids
-        secs += res.stats["seconds"]
-        new += res.stats["new_tokens"]
-        row_passes += sum(res.stats["row_forward_passes"])
-        accepted.append(res.stats["acceptance_by_position"])
+        secs += res.stats.seconds
+        new += res.stats.new_tokens
+        row_passes += sum(res.stats.row_forward_passes)
+        accepted.append(res.stats.acceptance_by_position)
     return {"token_ids": out, "seconds": secs, "new_tokens": new, "tokens_per_forward": new / max(row_passes, 1),
             "tokens_per_second": new / secs, "acceptance_by_position": np.mean(accepted, 0).tolist()
             if accepted and accepted[0] else []}

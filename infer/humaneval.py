@@ -55,9 +55,9 @@ def _complete(model, prompts, args, **kw):
                                     temperature=args.temperature, top_p=args.top_p if args.temperature > 0 else 1.0,
                                     seed=args.seed + i, **kw))
         texts += res.texts
-        seconds += res.stats["seconds"]
-        tokens += res.stats["new_tokens"]
-        passes += sum(res.stats["row_forward_passes"])
+        seconds += res.stats.seconds
+        tokens += res.stats.new_tokens
+        passes += sum(res.stats.row_forward_passes)
     return texts, {"seconds": seconds, "new_tokens": tokens, "tokens_per_forward": tokens / max(passes, 1),
                    "tokens_per_second": tokens / seconds if seconds else 0.0}
 

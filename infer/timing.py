@@ -12,14 +12,14 @@ Run = Callable[[], GenerationResult]
 
 
 def _with_compile(res: GenerationResult, compile_seconds: float) -> GenerationResult:
-    return dataclasses.replace(res, stats={**res.stats, "compile_seconds": compile_seconds})
+    return dataclasses.replace(res, stats=dataclasses.replace(res.stats, compile_seconds=compile_seconds))
 
 
 def warm(run: Run) -> GenerationResult:
     """run(), and when that call compiled, run() again: the result returned is never a first execution."""
     res = run()
-    if res.stats["compile_seconds"] > 0:
-        res = _with_compile(run(), res.stats["compile_seconds"])
+    if res.stats.compile_seconds > 0:
+        res = _with_compile(run(), res.stats.compile_seconds)
     return res
 
 
@@ -31,5 +31,5 @@ def alternate_medians(runs: dict[str, Run], repeats: int = 3) -> dict[str, Gener
     for _ in range(repeats):
         for name, run in runs.items():
             timed[name].append(run())
-    return {name: _with_compile(sorted(res, key=lambda r: r.stats["seconds"])[(len(res) - 1) // 2],
-                                first[name].stats["compile_seconds"]) for name, res in timed.items()}
+    return {name: _with_compile(sorted(res, key=lambda r: r.stats.seconds)[(len(res) - 1) // 2],
+                                first[name].stats.compile_seconds) for name, res in timed.items()}

@@ -1,11 +1,14 @@
 """pass-jax: Parallel Speculative Sampling (PaSS) for LLaMA-family models in JAX."""
 
-from .api import GenerationResult, Model, generate, load_model, save_model, untrained_lookahead
+from .api import (GenerationResult, GenerationStats, Model, decode_fn, generate, load_model, make_plan, save_model,
+                  untrained_lookahead)
 from .cache import CacheOverflowError, KVCache
 from .config import ConfigError, ModelConfig
 from .lookahead import init_lookahead
 from .sampling import Sampler
+from .tree import DraftTree
 
-__all__ = ["CacheOverflowError", "ConfigError", "GenerationResult", "KVCache", "Model", "ModelConfig", "Sampler",
-           "generate", "init_lookahead", "load_model", "save_model", "untrained_lookahead"]
+__all__ = ["CacheOverflowError", "ConfigError", "DraftTree", "GenerationResult", "GenerationStats", "KVCache", "Model",
+           "ModelConfig", "Sampler", "decode_fn", "generate", "init_lookahead", "load_model", "make_plan", "save_model",
+           "untrained_lookahead"]
 __version__ = "0.1.0"

@@ -17,7 +17,7 @@ import numpy as np
 
 from .cache import CacheOverflowError
 from .config import ModelConfig
-from .decode import METHODS, VARIANTS, DecodeSpec, decode
+from .decode import METHODS, VARIANTS, DecodePlan, DecodeSpec
 from .hf import load_hf, save_hf
 from .lookahead import check_k, init_lookahead
 from .sampling import Sampler
@@ -68,11 +68,36 @@ def save_model(model: Model, model_dir: str | os.PathLike, max_shard_bytes: int 
         model.tokenizer.save_pretrained(str(model_dir))
 
 
+@dataclasses.dataclass(frozen=True)
+class GenerationStats:
+    """What one generate call measured; `to_dict()` is the "stats" object of the JSON output (DESIGN.md §3)."""
+
+    new_tokens: int
+    forward_passes: int  # passes of the whole batch
+    tokens_per_forward: float  # new tokens over the sum of each row's forward passes
+    seconds: float  # wall time after compilation, so that two methods compare fairly
+    compile_seconds: float
+    tokens_per_second: float
+    acceptance_by_position: list[float]  # fraction of rounds in which drafts 1..j+1 were all accepted
+    row_forward_passes: list[int]
+    node_acceptance: list[float] | None = None  # tree methods: how often each node was on the accepted path
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        if self.node_acceptance is None:
+            del d["node_acceptance"]
+        return d
+
+    def __getitem__(self, key: str):
+        """stats["seconds"], as when stats were a dict."""
+        return getattr(self, key)
+
+
 @dataclasses.dataclass
 class GenerationResult:
     token_ids: list[list[int]]  # new tokens per prompt, without the prompt
     texts: list[str] | None
-    stats: dict
+    stats: GenerationStats
 
 
 def untrained_lookahead(model: Model, k: int):
@@ -124,38 +149,26 @@ def _round_up(n: int, m: int) -> int:
 _COMPILED: dict = {}
 
 
-def _compiled(model: Model, spec: DecodeSpec, args, max_len: int, draft: Model | None):
-    draft_params, draft_cfg = (draft.params, draft.config) if draft is not None else (None, None)
-    leaves, tree = jax.tree.flatten((model.params, args, draft_params))
-    key = (model.config, spec, max_len, draft_cfg, tree, tuple((x.shape, str(x.dtype)) for x in leaves))
+def _compiled(plan: DecodePlan, args):
+    """The compiled decode for this plan and these argument shapes, and the seconds compiling took (0 if cached)."""
+    leaves, tree = jax.tree.flatten(args)
+    key = (plan, tree, tuple((x.shape, str(x.dtype)) for x in leaves))
     if key not in _COMPILED:
-        fn = jax.jit(decode, static_argnums=(1, 2, 7, 9))
         t0 = time.perf_counter()
-        exe = fn.lower(model.params, model.config, spec, *args, max_len, draft_params, draft_cfg).compile()
+        exe = jax.jit(plan).lower(*args).compile()
         _COMPILED[key] = (exe, time.perf_counter() - t0)
         return exe, _COMPILED[key][1]
     return _COMPILED[key][0], 0.0
 
 
-def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]], *, max_new_tokens: int = 64,
-             method: str = "ar", k: int = 4, lookahead=None, variant: str = "tree", temperature: float = 0.0,
-             top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_token_id: int | Sequence[int] | None = None,
-             max_len: int | None = None, draft_model: Model | None = None,
-             pad_prompts_to: int | None = None, tree: DraftTree | str | None = None,
-             chat: bool = False, allow_long: bool = False) -> GenerationResult:
-    """Generate `max_new_tokens` per prompt (fewer where a row meets EOS).
-
-    method "ar" is plain autoregressive decoding; "pass" drafts k tokens per forward pass with the
-    look-ahead embeddings `lookahead` ([k, d_model]; None = untrained baseline) and verifies them
-    losslessly; "speculative" is classic two-model speculative sampling with `draft_model` (same
-    vocabulary) proposing k tokens; "ngram" drafts from the row's own context (prompt lookup).
-    variant "tree" (PaSS) verifies a tree of candidates per pass (`tree`: a DraftTree or its
-    string form, e.g. "4,2,1;ngram=4"), "fused" / "paper" the paper's chain. temperature 0 is greedy. eos_token_id None takes the model's; () disables EOS stops.
-    chat=True wraps each text prompt in the tokenizer's chat template as a user message.
-    max_len is the KV cache size (default: just what the request needs). pad_prompts_to pads the
-    batch to one length, so differently sized requests share one compiled program. A request past the
-    model's max_position_embeddings is an error, or with allow_long=True a warning.
-    """
+def make_plan(model: Model, *, prompt_len: int, max_new_tokens: int = 64, method: str = "ar", k: int = 4,
+              lookahead=None, variant: str = "tree", tree: DraftTree | str | None = None, temperature: float = 0.0,
+              top_k: int = 0, top_p: float = 1.0, eos_token_id: int | Sequence[int] | None = None,
+              max_len: int | None = None, draft_model: Model | None = None, allow_long: bool = False,
+              longest_prompt: int | None = None):
+    """(DecodePlan, look-ahead array) for prompts padded to `prompt_len` tokens: every argument
+    checked, the look-ahead resolved (None = the untrained baseline) and cut to what the plan reads.
+    Arguments as for `generate`; `longest_prompt` (default prompt_len) bounds the positions used."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if variant not in VARIANTS:
@@ -201,53 +214,97 @@ def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]
             eos.add(model.tokenizer.eos_token_id)
     else:
         eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
-    ids = _tokenize(model, prompts, chat)
     spec = DecodeSpec(method, k, variant, Sampler(float(temperature), int(top_k), float(top_p)), max_new_tokens,
                       tuple(sorted(eos)), tree)
-    lens = [len(p) for p in ids]
-    tp = _round_up(max(max(lens), pad_prompts_to or 0), 16)
-    needed = max(tp + k, max(lens) + max_new_tokens + spec.block_tokens)
-    reach = max(lens) + max_new_tokens + spec.block_tokens  # positions a row may use: prompt, output, draft block
+    longest = prompt_len if longest_prompt is None else longest_prompt
+    needed = max(prompt_len + k, longest + max_new_tokens + spec.block_tokens)
+    reach = longest + max_new_tokens + spec.block_tokens  # positions a row may use: prompt, output, draft block
     if reach > cfg.max_position_embeddings:
-        msg = (f"this request reaches position {reach} (longest prompt {max(lens)} + max_new_tokens {max_new_tokens} + "
+        msg = (f"this request reaches position {reach} (longest prompt {longest} + max_new_tokens {max_new_tokens} + "
                f"{spec.block_tokens} draft-block entries), past the model's max_position_embeddings "
                f"{cfg.max_position_embeddings}")
         if not allow_long:
             raise ValueError(f"{msg}; shorten the prompt, lower max_new_tokens, or pass allow_long=True (--allow-long)")
-        warnings.warn(f"{msg}: output past the trained context may be poor", stacklevel=2)
+        warnings.warn(f"{msg}: output past the trained context may be poor", stacklevel=3)
     if max_len is None:
         max_len = _round_up(needed, 64)
     elif needed > max_len:
         raise CacheOverflowError(
             f"the KV cache holds {max_len} entries but this request needs {needed}: longest prompt "
-            f"{max(lens)} (padded to {tp}) + max_new_tokens {max_new_tokens} + {spec.block_tokens} block entries; "
-            "shorten the prompt, lower max_new_tokens, or raise max_len")
+            f"{longest} (padded to {prompt_len}) + max_new_tokens {max_new_tokens} + {spec.block_tokens} block "
+            "entries; shorten the prompt, lower max_new_tokens, or raise max_len")
+    return DecodePlan(cfg, spec, max_len, draft_model.config if draft_model else None), lookahead
+
+
+def decode_fn(plan: DecodePlan):
+    """A pure function (params, lookahead, prompts [B, Tp], prompt_lens [B], key[, draft_params]) ->
+    (tokens [B, max_new_tokens], lengths [B]) for use inside your own `jax.jit`, shardings and
+    pipelines; tokens past a row's length are padding. Build the plan with `make_plan`."""
+
+    def fn(params, lookahead, prompts, prompt_lens, key, draft_params=None):
+        state = plan(params, lookahead, prompts, prompt_lens, key, draft_params)
+        return state.out[:, :plan.spec.max_new_tokens], state.out_len
+
+    return fn
+
+
+def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]], *, max_new_tokens: int = 64,
+             method: str = "ar", k: int = 4, lookahead=None, variant: str = "tree", temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_token_id: int | Sequence[int] | None = None,
+             max_len: int | None = None, draft_model: Model | None = None,
+             pad_prompts_to: int | None = None, tree: DraftTree | str | None = None,
+             chat: bool = False, allow_long: bool = False) -> GenerationResult:
+    """Generate `max_new_tokens` per prompt (fewer where a row meets EOS).
+
+    method "ar" is plain autoregressive decoding; "pass" drafts with the look-ahead embeddings
+    `lookahead` ([k, d_model]; None = untrained baseline) and verifies losslessly; "ngram" drafts
+    from the row's own context (prompt lookup); "speculative" is classic two-model speculative
+    sampling with `draft_model` (same vocabulary) proposing k tokens. PaSS variant "tree" verifies
+    a tree of candidates per pass (`tree`: a DraftTree or its string form, e.g. "3,1;ngram=4"),
+    "fused" / "paper" the paper's chain. temperature 0 is greedy. eos_token_id None takes the
+    model's; () disables EOS stops. chat=True wraps each text prompt in the tokenizer's chat
+    template as a user message. max_len is the KV cache size (default: just what the request
+    needs). pad_prompts_to pads the batch to one length, so differently sized requests share one
+    compiled program. A request past the model's max_position_embeddings is an error, or with
+    allow_long=True a warning.
+    """
+    ids = _tokenize(model, prompts, chat)
+    lens = [len(p) for p in ids]
+    tp = _round_up(max(max(lens), pad_prompts_to or 0), 16)
+    plan, lookahead = make_plan(
+        model, prompt_len=tp, longest_prompt=max(lens), max_new_tokens=max_new_tokens, method=method, k=k,
+        lookahead=lookahead, variant=variant, tree=tree, temperature=temperature, top_k=top_k, top_p=top_p,
+        eos_token_id=eos_token_id, max_len=max_len, draft_model=draft_model, allow_long=allow_long)
     padded = np.zeros((len(ids), tp), np.int32)
     for i, p in enumerate(ids):
         padded[i, :len(p)] = p
-    args = (lookahead, jnp.asarray(padded), jnp.asarray(lens, jnp.int32), jnp.int32(seed))
-    exe, compile_s = _compiled(model, spec, args, max_len, draft_model)
+    draft_params = draft_model.params if plan.draft_cfg is not None else None
+    args = (model.params, lookahead, jnp.asarray(padded), jnp.asarray(lens, jnp.int32), jax.random.key(seed),
+            draft_params)
+    exe, compile_s = _compiled(plan, args)
     t0 = time.perf_counter()
-    state = jax.block_until_ready(exe(model.params, *args, draft_model.params if draft_model else None))
+    state = jax.block_until_ready(exe(*args))
     seconds = time.perf_counter() - t0
     out, out_len = np.asarray(state.out), np.asarray(state.out_len)
     token_ids = [out[i, :out_len[i]].tolist() for i in range(len(ids))]
     new_tokens = int(out_len.sum())
     row_passes = np.asarray(state.row_passes)
     rounds = int(state.draft_rounds)
-    stats = {
-        "new_tokens": new_tokens,
-        "forward_passes": int(state.calls),
-        "tokens_per_forward": new_tokens / max(int(row_passes.sum()), 1),
-        "seconds": seconds,
-        "compile_seconds": compile_s,
-        "tokens_per_second": new_tokens / seconds if seconds > 0 else float("inf"),
-        "acceptance_by_position": [float(a) / rounds if rounds else 0.0 for a in np.asarray(state.accepted)],
-        "row_forward_passes": row_passes.tolist(),
-    }
+    node_acceptance = None
     if state.node_hits is not None:  # tree methods: how often each node was on the accepted path
         hits = np.asarray(state.node_hits)
-        stats["node_acceptance"] = (hits / max(int(hits[0]), 1)).tolist()
+        node_acceptance = (hits / max(int(hits[0]), 1)).tolist()
+    stats = GenerationStats(
+        new_tokens=new_tokens,
+        forward_passes=int(state.calls),
+        tokens_per_forward=new_tokens / max(int(row_passes.sum()), 1),
+        seconds=seconds,
+        compile_seconds=compile_s,
+        tokens_per_second=new_tokens / seconds if seconds > 0 else float("inf"),
+        acceptance_by_position=[float(a) / rounds if rounds else 0.0 for a in np.asarray(state.accepted)],
+        row_forward_passes=row_passes.tolist(),
+        node_acceptance=node_acceptance,
+    )
     texts = None
     if model.tokenizer is not None:
         texts = [model.tokenizer.decode(t, skip_special_tokens=True) for t in token_ids]

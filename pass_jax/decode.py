@@ -18,6 +18,7 @@ the same round with n-gram candidates only (prompt lookup) and no look-ahead.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -28,28 +29,28 @@ from .cache import KVCache, write_block
 from .config import ModelConfig
 from .model import causal_block_mask, embed_tokens, forward, logits_from_hidden
 from .ngram import prompt_lookup, row_history
-from .sampling import Sampler, position_keys, sample, verify, verify_tree
+from .sampling import Sampler, position_keys, sample, top_k, verify, verify_tree
 from .tree import DraftTree
-
-METHODS = ("ar", "pass", "ngram", "speculative")
-VARIANTS = ("tree", "fused", "paper")
-
 
 @dataclasses.dataclass(frozen=True)
 class DecodeSpec:
-    """Everything static about one generation call (part of the jit cache key)."""
+    """What to generate and how: static (part of the jit cache key)."""
 
-    method: str = "ar"
+    method: str = "ar"  # a key of DRAFT_METHODS, with variant for "pass"
     k: int = 0
-    variant: str = "fused"
+    variant: str = "tree"
     sampler: Sampler = dataclasses.field(default_factory=Sampler)
     max_new_tokens: int = 32
     eos_ids: tuple[int, ...] = ()
-    tree: DraftTree | None = None  # the candidate tree of method "ngram" and variant "tree"
+    tree: DraftTree | None = None  # the candidate tree of the tree rounds ("ngram", "pass"/"tree")
+
+    @property
+    def draft(self) -> DraftMethod:
+        return DRAFT_METHODS[self.method if self.method != "pass" else f"pass/{self.variant}"]
 
     @property
     def is_tree(self) -> bool:
-        return self.method == "ngram" or (self.method == "pass" and self.variant == "tree")
+        return self.draft.tree
 
     @property
     def max_drafts(self) -> int:
@@ -59,9 +60,7 @@ class DecodeSpec:
     @property
     def block_tokens(self) -> int:
         """Largest block a round writes into the cache beyond the committed entries."""
-        if self.is_tree:
-            return self.tree.num_tokens(self.k)
-        return 1 + {"ar": 0, "pass": 2 * self.k, "speculative": self.k}[self.method]
+        return self.draft.block_tokens(self)
 
 
 @struct.dataclass
@@ -83,19 +82,31 @@ class DecodeState:
     node_hits: jax.Array | None = None  # [N] tree methods: (row, round) pairs whose accepted path held node i
 
 
-def block_layout(lengths, n_drafts, n_tok: int, n_la: int):
+@struct.dataclass
+class Inputs:
+    """The traced inputs of one generation call, handed to every round."""
+
+    params: dict
+    lookahead: jax.Array  # [k, D] ([0, D] for methods without look-ahead)
+    prompts: jax.Array  # [B, Tp] padded
+    prompt_lens: jax.Array  # [B]
+    row_keys: jax.Array  # [B, 2] raw per-row keys: randomness is indexed by (row, output position)
+    draft_params: dict | None = None  # two-model speculative sampling only
+
+
+def block_layout(lengths, last_token, n_tok: int, n_la: int):
     """Positions [B, T] and block mask [B, T, T] for [tokens (n_tok), look-ahead (n_la)].
 
     Token slots are causal. Look-ahead slot i sits right after the last valid token slot
-    (slot n_drafts) and sees token slots 0..n_drafts and look-ahead slots 0..i.
+    (slot last_token[b]) and sees token slots 0..last_token and look-ahead slots 0..i.
     """
     t = n_tok + n_la
     s = jnp.arange(t)
     is_la = s >= n_tok
     causal = s[None, :] <= s[:, None]
-    token_key_ok = s[None, None, :] <= n_drafts[:, None, None]
+    token_key_ok = s[None, None, :] <= last_token[:, None, None]
     mask = causal[None] & (~is_la[None, :, None] | is_la[None, None, :] | token_key_ok)
-    offset = jnp.where(is_la[None], n_drafts[:, None] + 1 + (s - n_tok)[None], s[None])
+    offset = jnp.where(is_la[None], last_token[:, None] + 1 + (s - n_tok)[None], s[None])
     return lengths[:, None] + offset, mask
 
 
@@ -131,8 +142,9 @@ def _emit(state: DecodeState, spec: DecodeSpec, emitted, n_emit, pending, commit
     )
 
 
-def _round(params, cfg: ModelConfig, spec: DecodeSpec, lookahead, row_keys, state: DecodeState,
-           use_drafts: bool, use_la: bool) -> DecodeState:
+def _round(plan: DecodePlan, inp: Inputs, state: DecodeState, use_drafts: bool, use_la: bool) -> DecodeState:
+    """One chain round: [pending token, drafts?, look-ahead block?]; verify, emit, take new drafts."""
+    params, spec, lookahead, row_keys = inp.params, plan.spec, inp.lookahead, inp.row_keys
     b, k = state.pending.shape[0], spec.k
     n_drafts = state.n_drafts if use_drafts else jnp.zeros_like(state.n_drafts)
     drafts = state.drafts if use_drafts else state.drafts[:, :0]
@@ -141,7 +153,7 @@ def _round(params, cfg: ModelConfig, spec: DecodeSpec, lookahead, row_keys, stat
     if use_la:
         embeds = jnp.concatenate([embeds, jnp.broadcast_to(lookahead.astype(jnp.float32), (b,) + lookahead.shape)], 1)
     positions, mask = block_layout(state.cache.lengths, n_drafts, n_tok, k if use_la else 0)
-    hidden, cache = forward(params, cfg, embeds, positions, mask, state.cache)
+    hidden, cache = forward(params, plan.cfg, embeds, positions, mask, state.cache)
     logits = logits_from_hidden(params, hidden)
     keys = position_keys(row_keys, state.out_len[:, None] + jnp.arange(n_tok)[None])
     probs = state.draft_probs if use_drafts else state.draft_probs[:, :0]
@@ -162,9 +174,9 @@ def _round(params, cfg: ModelConfig, spec: DecodeSpec, lookahead, row_keys, stat
     return _emit(state, spec, emitted, a + 1, nxt)
 
 
-def _tree_round(params, cfg: ModelConfig, spec: DecodeSpec, lookahead, row_keys, prompts, prompt_lens,
-                state: DecodeState) -> DecodeState:
+def _tree_round(plan: DecodePlan, inp: Inputs, state: DecodeState) -> DecodeState:
     """One tree pass: verify every candidate path at once, keep the longest accepted one, draft the next."""
+    params, spec = inp.params, plan.spec
     tree, k, b = spec.tree, spec.k, state.pending.shape[0]
     n, n_blocks = tree.num_nodes, tree.num_blocks(k)
     depth, ancestors = jnp.asarray(tree.depth), jnp.asarray(tree.ancestors)
@@ -175,19 +187,19 @@ def _tree_round(params, cfg: ModelConfig, spec: DecodeSpec, lookahead, row_keys,
         tokens.append(state.top_candidates[:, la_depth, jnp.asarray([p[-1] for p in tree.paths])])
         valid.append(la_depth[None] < state.n_drafts[:, None])
     if tree.ngram:
-        history = row_history(prompts, prompt_lens, state.out)
-        ngram, found = prompt_lookup(history, prompt_lens + state.out_len, tree.ngram_n, tree.ngram)
+        history = row_history(inp.prompts, inp.prompt_lens, state.out)
+        ngram, found = prompt_lookup(history, inp.prompt_lens + state.out_len, tree.ngram_n, tree.ngram)
         tokens.append(ngram)
         valid.append(found)
     tokens, valid = jnp.concatenate(tokens, 1), jnp.concatenate(valid, 1)
     embeds = embed_tokens(params, tokens)
     if n_blocks:
-        blocks = jnp.tile(lookahead.astype(jnp.float32), (n_blocks, 1))
+        blocks = jnp.tile(inp.lookahead.astype(jnp.float32), (n_blocks, 1))
         embeds = jnp.concatenate([embeds, jnp.broadcast_to(blocks, (b,) + blocks.shape)], 1)
     offsets, block_mask = tree.layout(k)
-    hidden, cache = forward(params, cfg, embeds, state.cache.lengths[:, None] + offsets[None],
+    hidden, cache = forward(params, plan.cfg, embeds, state.cache.lengths[:, None] + offsets[None],
                             jnp.broadcast_to(block_mask, (b,) + block_mask.shape), state.cache)
-    keys = position_keys(row_keys, state.out_len[:, None] + depth[None])[:, :, 2]
+    keys = position_keys(inp.row_keys, state.out_len[:, None] + depth[None])[:, :, 2]
     end, draws = verify_tree(logits_from_hidden(params, hidden[:, :n]), tokens, valid, tree.parents, ancestors,
                              spec.sampler, keys)
     a = depth[end]  # accepted drafts
@@ -212,27 +224,28 @@ def _tree_round(params, cfg: ModelConfig, spec: DecodeSpec, lookahead, row_keys,
         shift = a - depth[owner]
         slots = n + owner[:, None] * k + jnp.minimum(shift[:, None] + jnp.arange(k)[None], k - 1)
         la_logits = logits_from_hidden(params, jnp.take_along_axis(hidden, slots[..., None], 1))
-        state = state.replace(top_candidates=jax.lax.top_k(la_logits, tree.max_rank)[1].astype(jnp.int32),
+        state = state.replace(top_candidates=top_k(la_logits, tree.max_rank)[1].astype(jnp.int32),
                               n_drafts=jnp.maximum(k - shift, 0))
     return _emit(state, spec, emitted, a + 1, nxt)
 
 
-def _prefill(params, cfg: ModelConfig, spec: DecodeSpec, lookahead, row_keys, prompts, prompt_lens, max_len):
-    """Run the padded prompts (plus the look-ahead block for PaSS); emit the first token."""
+def _prefill(plan: DecodePlan, inp: Inputs) -> DecodeState:
+    """Run the padded prompts (plus a look-ahead block after each row's last token); emit the first token."""
+    params, cfg, spec, prompts = inp.params, plan.cfg, plan.spec, inp.prompts
     b, tp = prompts.shape
-    use_la = spec.method == "pass"
-    k = spec.k
-    cache = KVCache.create(cfg, b, max_len, params["embed"].dtype)
+    use_la, k = spec.draft.lookahead, spec.k
+    cache = KVCache.create(cfg, b, plan.max_len, params["embed"].dtype)
     embeds = embed_tokens(params, prompts)
     if use_la:
-        embeds = jnp.concatenate([embeds, jnp.broadcast_to(lookahead.astype(jnp.float32), (b,) + lookahead.shape)], 1)
-    last = prompt_lens - 1
+        la = inp.lookahead.astype(jnp.float32)
+        embeds = jnp.concatenate([embeds, jnp.broadcast_to(la, (b,) + la.shape)], 1)
+    last = inp.prompt_lens - 1
     positions, mask = block_layout(cache.lengths, last, tp, k if use_la else 0)
     hidden, cache = forward(params, cfg, embeds, positions, mask, cache)
     rows = jnp.arange(b)
     logits = logits_from_hidden(params, hidden[rows, last])[:, None]
     zero = jnp.zeros((b,), jnp.int32)
-    keys = position_keys(row_keys, zero[:, None])
+    keys = position_keys(inp.row_keys, zero[:, None])
     _, first = verify(logits, prompts[:, :0], jnp.zeros((b, 0, 1)), zero, spec.sampler, keys)
     v = cfg.vocab_size if not spec.sampler.greedy and spec.method in ("pass", "speculative") and not spec.is_tree else 1
     state = DecodeState(
@@ -242,27 +255,29 @@ def _prefill(params, cfg: ModelConfig, spec: DecodeSpec, lookahead, row_keys, pr
         accepted=jnp.zeros((spec.max_drafts,), jnp.int32), draft_rounds=jnp.int32(0),
         node_hits=jnp.zeros((spec.tree.num_nodes,), jnp.int32) if spec.is_tree else None)
     if use_la and spec.is_tree:
-        top = jax.lax.top_k(logits_from_hidden(params, hidden[:, tp:]), spec.tree.max_rank)[1]
+        top = top_k(logits_from_hidden(params, hidden[:, tp:]), spec.tree.max_rank)[1]
         state = state.replace(top_candidates=top.astype(jnp.int32), n_drafts=jnp.full((b,), k, jnp.int32))
     elif use_la:
-        new, q = _drafts_from_logits(logits_from_hidden(params, hidden[:, tp:]), spec, row_keys, jnp.ones((b,), jnp.int32))
+        new, q = _drafts_from_logits(logits_from_hidden(params, hidden[:, tp:]), spec, inp.row_keys,
+                                     jnp.ones((b,), jnp.int32))
         state = state.replace(drafts=new, draft_probs=q.astype(jnp.float32), n_drafts=jnp.full((b,), k, jnp.int32))
-    return _emit(state, spec, first[:, None], jnp.ones_like(zero), first, commit=prompt_lens)
+    return _emit(state, spec, first[:, None], jnp.ones_like(zero), first, commit=inp.prompt_lens)
 
 
-def _draft_with_model(params, cfg: ModelConfig, spec: DecodeSpec, row_keys, state: DecodeState) -> DecodeState:
+def _draft_with_model(plan: DecodePlan, inp: Inputs, state: DecodeState) -> DecodeState:
     """Two-model speculative sampling: the draft model proposes k tokens, one pass each.
 
     It also consumes its k-th draft (k+1 passes), so its cache holds every token the target may
     accept; after verification its lengths are reset to the target's.
     """
+    params, cfg, spec = inp.draft_params, plan.draft_cfg, plan.spec
     b, k = state.pending.shape[0], spec.k
     ones = jnp.ones((b, 1, 1), bool)
 
     def one(i, carry):
         cache, token, drafts, probs = carry
         hidden, cache = forward(params, cfg, embed_tokens(params, token[:, None]), cache.lengths[:, None], ones, cache)
-        new, q = _drafts_from_logits(logits_from_hidden(params, hidden), spec, row_keys, state.out_len + i)
+        new, q = _drafts_from_logits(logits_from_hidden(params, hidden), spec, inp.row_keys, state.out_len + i)
         drafts = jax.lax.dynamic_update_slice_in_dim(drafts, new, jnp.minimum(i, k - 1), 1)
         probs = jax.lax.dynamic_update_slice_in_dim(probs, q.astype(probs.dtype), jnp.minimum(i, k - 1), 1)
         keep = i < k  # the extra pass only writes the last draft into the cache
@@ -274,36 +289,78 @@ def _draft_with_model(params, cfg: ModelConfig, spec: DecodeSpec, row_keys, stat
     return state.replace(draft_cache=cache, drafts=drafts, draft_probs=probs, n_drafts=jnp.full((b,), k, jnp.int32))
 
 
-def decode(params, cfg: ModelConfig, spec: DecodeSpec, lookahead, prompts, prompt_lens, seed, max_len: int,
-           draft_params=None, draft_cfg: ModelConfig | None = None):
-    """Generate for a padded batch of prompts [B, Tp] (lengths [B]); jit with cfg, spec, max_len, draft_cfg static."""
-    row_keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.arange(prompts.shape[0]))
-    row_keys = jax.random.key_data(row_keys)
-    state = _prefill(params, cfg, spec, lookahead, row_keys, prompts, prompt_lens, max_len)
-    if spec.method == "speculative":
-        b, tp = prompts.shape
-        _, draft_cache = forward(draft_params, draft_cfg, embed_tokens(draft_params, prompts),
-                                 jnp.broadcast_to(jnp.arange(tp), (b, tp)),
-                                 causal_block_mask(jnp.ones((b, tp), bool)),
-                                 KVCache.create(draft_cfg, b, max_len, draft_params["embed"].dtype))
-        state = state.replace(draft_cache=draft_cache.replace(lengths=state.cache.lengths))
+def _prefill_draft_model(plan: DecodePlan, inp: Inputs, state: DecodeState) -> DecodeState:
+    """The draft model's own cache over the prompts, at the target's lengths."""
+    b, tp = inp.prompts.shape
+    params, cfg = inp.draft_params, plan.draft_cfg
+    _, cache = forward(params, cfg, embed_tokens(params, inp.prompts), jnp.broadcast_to(jnp.arange(tp), (b, tp)),
+                       causal_block_mask(jnp.ones((b, tp), bool)),
+                       KVCache.create(cfg, b, plan.max_len, params["embed"].dtype))
+    return state.replace(draft_cache=cache.replace(lengths=state.cache.lengths))
 
-    def step(st, drafts, la):
-        return _round(params, cfg, spec, lookahead, row_keys, st, drafts, la)
 
-    def body(st):
-        if spec.is_tree:
-            return _tree_round(params, cfg, spec, lookahead, row_keys, prompts, prompt_lens, st)
-        if spec.method == "ar":
-            return step(st, False, False)
-        if spec.method == "speculative":
-            st = step(_draft_with_model(draft_params, draft_cfg, spec, row_keys, st), True, False)
-            return st.replace(draft_cache=st.draft_cache.replace(lengths=st.cache.lengths))
-        if spec.variant == "paper":  # the previous pass drafted: validate, then draft unless every row is done
-            st = step(st, True, False)
-            return jax.lax.cond(jnp.all(st.done), lambda s: s, lambda s: step(s, False, True), st)
-        # fused: skip the draft slots whenever no live row holds drafts (e.g. untrained look-ahead)
-        return jax.lax.cond(jnp.any((st.n_drafts > 0) & ~st.done),
-                            lambda s: step(s, True, True), lambda s: step(s, False, True), st)
+# ---- the draft methods: what one round of each does ---------------------------------------------
+def _ar_round(plan, inp, st):
+    return _round(plan, inp, st, use_drafts=False, use_la=False)
 
-    return jax.lax.while_loop(lambda st: ~jnp.all(st.done), body, state)
+
+def _paper_round(plan, inp, st):
+    """The previous pass drafted: validate, then draft unless every row is done."""
+    st = _round(plan, inp, st, use_drafts=True, use_la=False)
+    return jax.lax.cond(jnp.all(st.done), lambda s: s, lambda s: _round(plan, inp, s, False, True), st)
+
+
+def _fused_round(plan, inp, st):
+    """Validate and draft in one pass; skip the draft slots when no live row holds drafts."""
+    return jax.lax.cond(jnp.any((st.n_drafts > 0) & ~st.done), lambda s: _round(plan, inp, s, True, True),
+                        lambda s: _round(plan, inp, s, False, True), st)
+
+
+def _speculative_round(plan, inp, st):
+    st = _round(plan, inp, _draft_with_model(plan, inp, st), use_drafts=True, use_la=False)
+    return st.replace(draft_cache=st.draft_cache.replace(lengths=st.cache.lengths))
+
+
+@dataclasses.dataclass(frozen=True)
+class DraftMethod:
+    """A decoding method as the loop sees it. Adding one is one entry in DRAFT_METHODS."""
+
+    round: Callable  # (plan, inputs, state) -> state: one iteration of the while_loop
+    block_tokens: Callable  # (spec) -> tokens a round writes past the committed cache
+    lookahead: bool = False  # the prefill appends a look-ahead block; rounds read look-ahead outputs
+    tree: bool = False  # deterministic candidates verified as a tree (spec.tree)
+    prefill: Callable | None = None  # (plan, inputs, state) -> state: extra set-up after the prefill
+
+
+DRAFT_METHODS = {
+    "ar": DraftMethod(_ar_round, lambda spec: 1),
+    "pass/tree": DraftMethod(_tree_round, lambda spec: spec.tree.num_tokens(spec.k), lookahead=True, tree=True),
+    "pass/fused": DraftMethod(_fused_round, lambda spec: 1 + 2 * spec.k, lookahead=True),
+    "pass/paper": DraftMethod(_paper_round, lambda spec: 1 + 2 * spec.k, lookahead=True),
+    "ngram": DraftMethod(_tree_round, lambda spec: spec.tree.num_tokens(0), tree=True),
+    "speculative": DraftMethod(_speculative_round, lambda spec: 1 + spec.k, prefill=_prefill_draft_model),
+}
+METHODS = ("ar", "pass", "ngram", "speculative")
+VARIANTS = ("tree", "fused", "paper")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodePlan:
+    """Everything static about a generation call (the jit cache key): the model's config, the
+    spec, the KV cache size and the draft model's config. Calling it is the whole decode: pure,
+    one `lax.while_loop`; under `jax.jit` pass the plan as a static argument (or close over it)."""
+
+    cfg: ModelConfig
+    spec: DecodeSpec
+    max_len: int
+    draft_cfg: ModelConfig | None = None
+
+    def __call__(self, params, lookahead, prompts, prompt_lens, key, draft_params=None) -> DecodeState:
+        """prompts [B, Tp] padded, prompt_lens [B], key a PRNG key; returns the final DecodeState."""
+        row_keys = jax.random.key_data(jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(prompts.shape[0])))
+        inp = Inputs(params, lookahead, prompts, prompt_lens, row_keys, draft_params)
+        method = self.spec.draft
+        state = _prefill(self, inp)
+        if method.prefill is not None:
+            state = method.prefill(self, inp, state)
+        return jax.lax.while_loop(lambda st: ~jnp.all(st.done), lambda st: method.round(self, inp, st), state)

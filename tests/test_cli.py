@@ -22,8 +22,8 @@ def _run(argv, capsys):
 
 def test_generate_json_contract(hf_dirs, capsys):
     path = hf_dirs["llama"][1]
-    code, out, _ = _run(["generate", "--model", path, "--method", "pass", "--k", "3", "--prompt-ids", "1,2,3",
-                         "--prompt-ids", "4,5", "--max-new-tokens", "9", "--json"], capsys)
+    code, out, _ = _run(["generate", "--model", path, "--method", "pass", "--k", "3", "--tree", "2,1,1",
+                         "--prompt-ids", "1,2,3", "--prompt-ids", "4,5", "--max-new-tokens", "9", "--json"], capsys)
     assert code == 0
     res = json.loads(out)
     assert set(res) == {"method", "k", "texts", "token_ids", "stats"}
@@ -32,7 +32,7 @@ def test_generate_json_contract(hf_dirs, capsys):
     for key in ("new_tokens", "forward_passes", "tokens_per_forward", "seconds", "compile_seconds",
                 "tokens_per_second", "acceptance_by_position"):
         assert key in res["stats"]
-    assert len(res["stats"]["acceptance_by_position"]) == 3
+    assert len(res["stats"]["acceptance_by_position"]) == 3  # one per tree depth
     model = pj.load_model(path)
     assert res["token_ids"] == pj.generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=9).token_ids
 
@@ -71,7 +71,7 @@ def test_a_k8_checkpoint_runs_at_k4_as_its_first_4_embeddings(hf_dirs, k8_checkp
     kw = dict(max_new_tokens=16, method="pass", k=4, variant="fused", temperature=1.0)
     first = pj.generate(model, [[5, 6, 7]], lookahead=la[:4], **kw)
     assert res["token_ids"] == first.token_ids  # sampled drafts: the output depends on which embeddings ran
-    assert res["stats"]["acceptance_by_position"] == first.stats["acceptance_by_position"]
+    assert res["stats"]["acceptance_by_position"] == first.stats.acceptance_by_position
     assert pj.generate(model, [[5, 6, 7]], lookahead=la[4:], **kw).token_ids != first.token_ids
 
 
@@ -211,3 +211,19 @@ def test_allow_long_turns_the_context_error_into_a_warning(tmp_path, capsys):
     with pytest.warns(UserWarning, match="max_position_embeddings 16"):
         code, out, _ = _run([*argv, "--allow-long", "--json"], capsys)
     assert code == 0 and len(json.loads(out)["token_ids"][0]) == 20
+
+
+def test_stats_are_a_frozen_dataclass_whose_dict_is_the_json_stats(hf_dirs):
+    import dataclasses
+
+    model = pj.load_model(hf_dirs["llama"][1])
+    r = pj.generate(model, [[1, 2, 3]], max_new_tokens=5, method="pass", k=2, variant="fused")
+    assert isinstance(r.stats, pj.GenerationStats) and r.stats.new_tokens == 5 and len(r.stats.row_forward_passes) == 1
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        r.stats.seconds = 0.0
+    d = json.loads(json.dumps(r.stats.to_dict()))
+    assert list(d) == ["new_tokens", "forward_passes", "tokens_per_forward", "seconds", "compile_seconds",
+                       "tokens_per_second", "acceptance_by_position", "row_forward_passes"]
+    assert d["acceptance_by_position"] == r.stats.acceptance_by_position and r.stats["seconds"] == r.stats.seconds
+    tree = pj.generate(model, [[1, 2, 3]], max_new_tokens=5, method="pass", k=2)  # tree variant: per-node rates too
+    assert tree.stats.to_dict()["node_acceptance"] == tree.stats.node_acceptance

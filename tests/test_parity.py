@@ -78,5 +78,5 @@ def test_greedy_generation_matches_transformers_generate(hf_dirs, kind):
             ref = ref_model.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, eos_token_id=None,
                                      pad_token_id=0)
         assert got == ref[0, len(prompt):].tolist()
-    assert ours.stats["new_tokens"] == 96
-    assert ours.stats["forward_passes"] == 32
+    assert ours.stats.new_tokens == 96
+    assert ours.stats.forward_passes == 32

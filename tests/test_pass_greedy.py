@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pass_jax as pj
-from pass_jax.decode import DecodeSpec, _prefill, _round
+from pass_jax.decode import DecodePlan, DecodeSpec, Inputs, _prefill, _round
 
 from .conftest import tiny_model
 
@@ -43,9 +43,9 @@ def test_greedy_pass_equals_autoregressive(small_vocab_model, k, variant):
             m, PROMPTS, max_new_tokens=40, eos_token_id=eos, method="pass", k=k, lookahead=la, variant=variant
         )
         assert ps.token_ids == ar.token_ids
-        passes = ps.stats["row_forward_passes"]
+        passes = ps.stats.row_forward_passes
         assert all(p <= len(t) for p, t in zip(passes, ps.token_ids)), "more passes than tokens"
-        accepted = max(accepted, *ps.stats["acceptance_by_position"])
+        accepted = max(accepted, *ps.stats.acceptance_by_position)
     assert accepted > 0, "the test should exercise accepted drafts"
 
 
@@ -85,22 +85,19 @@ def test_cache_lengths_after_every_round(small_vocab_model):
     prompts = [[1, 2, 3], [4, 5, 6, 0, 1, 2, 3]]
     ar = pj.generate(m, prompts, max_new_tokens=30, eos_token_id=()).token_ids
     spec = DecodeSpec("pass", k, "fused", pj.Sampler(), 30, ())
+    plan = DecodePlan(m.config, spec, max_len=64)
     la = pj.init_lookahead(m.params, k, "random", key=jax.random.key(0))
     padded = jnp.asarray([p + [0] * (16 - len(p)) for p in prompts])
     lens = jnp.asarray([len(p) for p in prompts])
-    keys = jnp.zeros((2, 2), jnp.uint32)
-    state = jax.jit(functools.partial(_prefill, cfg=m.config, spec=spec, max_len=64), static_argnames=())(
-        m.params, lookahead=la, row_keys=keys, prompts=padded, prompt_lens=lens
-    )
-    rounds = {
-        flags: jax.jit(functools.partial(_round, cfg=m.config, spec=spec, use_drafts=flags[0], use_la=flags[1]))
-        for flags in [(True, True), (False, True)]
-    }
+    inp = Inputs(m.params, la, padded, lens, jnp.zeros((2, 2), jnp.uint32))
+    state = jax.jit(functools.partial(_prefill, plan))(inp)
+    rounds = {flags: jax.jit(functools.partial(_round, plan, use_drafts=flags[0], use_la=flags[1]))
+              for flags in [(True, True), (False, True)]}
     seen_partial = False
     while not bool(state.done.all()):
         before = np.asarray(state.out_len)
         flags = (True, True) if bool((state.n_drafts > 0).any()) else (False, True)
-        state = rounds[flags](m.params, lookahead=la, row_keys=keys, state=state)
+        state = rounds[flags](inp, state)
         out_len, lengths = np.asarray(state.out_len), np.asarray(state.cache.lengths)
         np.testing.assert_array_equal(lengths, np.asarray(lens) + out_len - 1)
         for row in range(2):
@@ -157,10 +154,10 @@ def test_perfect_drafts_reach_the_ceiling(variant, k):
     m = _constant_model()
     r = pj.generate(m, [[1, 2, 3], [4]], max_new_tokens=40, eos_token_id=(), method="pass", k=k, variant=variant)
     assert r.token_ids == pj.generate(m, [[1, 2, 3], [4]], max_new_tokens=40, eos_token_id=()).token_ids
-    assert r.stats["row_forward_passes"] == [_ceiling_passes(variant, k, 40)] * 2
-    assert r.stats["acceptance_by_position"] == [1.0] * k
+    assert r.stats.row_forward_passes == [_ceiling_passes(variant, k, 40)] * 2
+    assert r.stats.acceptance_by_position == [1.0] * k
     per_round = k + 1 if variant == "fused" else (k + 2) / 2
-    assert r.stats["tokens_per_forward"] == pytest.approx(per_round, rel=0.25)
+    assert r.stats.tokens_per_forward == pytest.approx(per_round, rel=0.25)
 
 
 @pytest.mark.parametrize("k", [1, 3, 5])
@@ -172,8 +169,8 @@ def test_greedy_speculative_equals_autoregressive(small_vocab_model, k):
     ar = pj.generate(m, PROMPTS, max_new_tokens=40, eos_token_id=eos)
     sp = pj.generate(m, PROMPTS, max_new_tokens=40, eos_token_id=eos, method="speculative", k=k, draft_model=draft)
     assert sp.token_ids == ar.token_ids
-    assert max(sp.stats["acceptance_by_position"]) > 0
+    assert max(sp.stats.acceptance_by_position) > 0
     # the target itself as draft model: every draft is accepted, k + 1 tokens per target pass
     own = pj.generate(m, PROMPTS, max_new_tokens=40, eos_token_id=(), method="speculative", k=k, draft_model=m)
     assert own.token_ids == pj.generate(m, PROMPTS, max_new_tokens=40, eos_token_id=()).token_ids
-    assert own.stats["acceptance_by_position"] == [1.0] * k
+    assert own.stats.acceptance_by_position == [1.0] * k

@@ -67,7 +67,7 @@ SAMPLERS = [pj.Sampler(1.0), pj.Sampler(0.8, top_k=2), pj.Sampler(1.3, top_p=0.8
 def test_sampled_pass_matches_exact_distribution(model, sampler, variant):
     la = pj.init_lookahead(model.params, 2, "random", key=jax.random.key(2))
     pvalue, r = chi_square_pvalue(model, sampler, method="pass", k=2, lookahead=la, variant=variant)
-    assert 0 < r.stats["acceptance_by_position"][0] < 1, "drafts must be both accepted and rejected"
+    assert 0 < r.stats.acceptance_by_position[0] < 1, "drafts must be both accepted and rejected"
     assert pvalue > 1e-3
 
 
@@ -105,7 +105,7 @@ def draft_model():
 
 def test_speculative_sampling_matches_exact_distribution(model, draft_model):
     pvalue, r = chi_square_pvalue(model, SAMPLERS[1], method="speculative", k=2, draft_model=draft_model)
-    assert 0 < r.stats["acceptance_by_position"][0] < 1
+    assert 0 < r.stats.acceptance_by_position[0] < 1
     assert pvalue > 1e-3
 
 
@@ -122,13 +122,13 @@ TREE = DraftTree.parse("2,1;ngram=2")
 def test_sampled_tree_matches_exact_distribution(model, sampler):
     la = pj.init_lookahead(model.params, 2, "random", key=jax.random.key(2))
     pvalue, r = chi_square_pvalue(model, sampler, method="pass", variant="tree", k=2, lookahead=la, tree=TREE)
-    assert 0 < r.stats["acceptance_by_position"][0] < 1, "drafts must be both accepted and rejected"
+    assert 0 < r.stats.acceptance_by_position[0] < 1, "drafts must be both accepted and rejected"
     assert pvalue > 1e-3
 
 
 def test_sampled_ngram_matches_exact_distribution(model):
     pvalue, r = chi_square_pvalue(model, SAMPLERS[1], method="ngram", tree="ngram=2")
-    assert 0 < r.stats["acceptance_by_position"][0] < 1
+    assert 0 < r.stats.acceptance_by_position[0] < 1
     assert pvalue > 1e-3
 
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import pass_jax as pj
 from pass_jax.cache import KVCache
-from pass_jax.decode import DecodeSpec, _prefill, _tree_round
+from pass_jax.decode import DecodePlan, DecodeSpec, Inputs, _prefill, _tree_round
 from pass_jax.model import causal_block_mask, embed_tokens, forward
 from pass_jax.ngram import prompt_lookup, row_history
 from pass_jax.tree import DraftTree
@@ -142,17 +142,17 @@ def test_compacted_cache_equals_autoregressive_cache_after_every_round(small_voc
     prompts = [[1, 2, 3, 1, 2, 3, 1], [4, 5, 6, 0, 1, 2, 3]]
     ar = pj.generate(m, prompts, max_new_tokens=30, eos_token_id=()).token_ids
     spec = DecodeSpec("pass", k, "tree", pj.Sampler(), 30, (), DraftTree.parse("3,2;ngram=3"))
+    plan = DecodePlan(m.config, spec, max_len=96)
     la = pj.init_lookahead(m.params, k, "random", key=jax.random.key(0))
     padded = jnp.asarray([p + [0] * (16 - len(p)) for p in prompts])
     lens = jnp.asarray([len(p) for p in prompts])
-    keys = jnp.zeros((2, 2), jnp.uint32)
-    state = jax.jit(functools.partial(_prefill, cfg=m.config, spec=spec, max_len=96))(
-        m.params, lookahead=la, row_keys=keys, prompts=padded, prompt_lens=lens)
-    step = jax.jit(functools.partial(_tree_round, cfg=m.config, spec=spec))
+    inp = Inputs(m.params, la, padded, lens, jnp.zeros((2, 2), jnp.uint32))
+    state = jax.jit(functools.partial(_prefill, plan))(inp)
+    step = jax.jit(functools.partial(_tree_round, plan))
     branched = 0
     while not bool(state.done.all()):
         before = np.asarray(state.out_len)
-        state = step(m.params, lookahead=la, row_keys=keys, prompts=padded, prompt_lens=lens, state=state)
+        state = step(inp, state)
         out_len, lengths = np.asarray(state.out_len), np.asarray(state.cache.lengths)
         np.testing.assert_array_equal(lengths, np.asarray(lens) + out_len - 1)
         for row in range(2):
@@ -176,3 +176,42 @@ def test_sampled_tree_equals_autoregressive_sampling_for_the_same_seed(small_voc
         r = pj.generate(m, prompts, max_new_tokens=30, eos_token_id=(), seed=5, tree=tree, **method, **kw)
         assert r.token_ids == ar.token_ids
         assert r.stats["tokens_per_forward"] > 1.05
+
+
+def test_top_k_equals_lax_top_k_with_ties():
+    from pass_jax.sampling import top_k
+
+    x = jax.random.normal(jax.random.key(0), (3, 5000))
+    for v in (x, jnp.round(x * 2)):  # many ties
+        for k in (1, 10, 50):
+            values, idx = top_k(v, k)
+            np.testing.assert_array_equal(values, jax.lax.top_k(v, k)[0])
+            np.testing.assert_array_equal(np.take_along_axis(np.asarray(v), np.asarray(idx), -1), values)
+            assert all(len(set(row)) == k for row in np.asarray(idx).tolist())
+
+
+def test_top_p_within_top_k_equals_sorting_the_whole_vocabulary():
+    logits = jax.random.normal(jax.random.key(1), (4, 3000)) * 3
+    fast = pj.Sampler(0.9, top_k=20, top_p=0.8).probs(logits)
+    kth = jax.lax.top_k(logits / 0.9, 20)[0][..., -1:]
+    full = pj.Sampler(0.9, top_p=0.8).probs(jnp.where(logits / 0.9 < kth, -jnp.inf, logits / 0.9) * 0.9)
+    np.testing.assert_allclose(fast, full, atol=1e-6)
+    assert int((fast > 0).sum(-1).max()) < 20
+
+
+def test_decode_fn_composes_with_a_users_jit(small_vocab_model):
+    """The pure entry point inside a user's own jitted function: same tokens as generate."""
+    m = small_vocab_model
+    prompts = [[1, 2, 3, 1, 2], [4, 5, 6, 4, 0]]
+    plan, la = pj.make_plan(m, prompt_len=5, max_new_tokens=12, method="pass", k=2, tree="2;ngram=3",
+                            eos_token_id=())
+    fn = pj.decode_fn(plan)
+
+    @jax.jit
+    def pipeline(params, lookahead, prompts, key):  # e.g. generation inside a training or eval step
+        tokens, lengths = fn(params, lookahead, prompts, jnp.full((prompts.shape[0],), 5), key)
+        return tokens, lengths, jnp.sum(tokens == 0)
+
+    tokens, lengths, _ = pipeline(m.params, la, jnp.asarray(prompts), jax.random.key(0))
+    want = pj.generate(m, prompts, max_new_tokens=12, method="pass", k=2, tree="2;ngram=3", eos_token_id=())
+    assert np.asarray(tokens).tolist() == want.token_ids and np.asarray(lengths).tolist() == [12, 12]

@@ -183,8 +183,8 @@ def run(args) -> int:
             return
         la_host = np.asarray(state["lookahead"].addressable_data(0))
         res = generate(model, prompts, max_new_tokens=32, method="pass", k=k, lookahead=la_host, eos_token_id=())
-        row = {"step": step, "loss": loss, "tokens_per_forward": res.stats["tokens_per_forward"],
-               "acceptance_by_position": res.stats["acceptance_by_position"]}
+        row = {"step": step, "loss": loss, "tokens_per_forward": res.stats.tokens_per_forward,
+               "acceptance_by_position": res.stats.acceptance_by_position}
         with metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
