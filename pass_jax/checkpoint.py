@@ -17,11 +17,13 @@ METADATA = "lookahead.json"
 
 
 def model_fingerprint(model) -> str:
-    """Hash of the architecture and the first embedding rows: tells one base model from another."""
+    """Hash of the architecture and the first embedding rows: tells one base model from another,
+    whatever dtype it was loaded in."""
     c = model.config
     h = hashlib.sha256(json.dumps([c.architecture, c.vocab_size, c.hidden_size, c.num_layers, c.num_heads,
                                    c.num_kv_heads, c.head_dim]).encode())
-    h.update(np.asarray(model.params["embed"][:64], np.float32).tobytes())
+    # rounded to bfloat16 so one model loaded in float32, float16 or bfloat16 has one fingerprint
+    h.update(np.asarray(jnp.asarray(model.params["embed"][:64]).astype(jnp.bfloat16).astype(jnp.float32)).tobytes())
     return h.hexdigest()[:16]
 
 

@@ -122,3 +122,13 @@ def test_request_past_max_position_embeddings():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         pj.generate(m, [[1, 2, 3]], max_new_tokens=8)  # within bounds: silent
+
+
+def test_lookahead_checkpoint_fingerprint_does_not_depend_on_the_dtype(tmp_path):
+    from pass_jax.checkpoint import load_lookahead, save_lookahead
+    from pass_jax.demo import demo_model_dir
+
+    m32 = pj.load_model(demo_model_dir(), dtype="float32", tokenizer=False)
+    save_lookahead(tmp_path / "la", pj.init_lookahead(m32.params, 2), m32)
+    for dtype in ("bfloat16", "float16"):
+        assert load_lookahead(tmp_path / "la", pj.load_model(demo_model_dir(), dtype=dtype, tokenizer=False)).shape == (2, 256)
