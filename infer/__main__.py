@@ -11,8 +11,8 @@ import sys
 # unavailable; its errors still show. Set before anything imports it; TRANSFORMERS_VERBOSITY overrides.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from pass_jax.cache import CacheOverflowError  # noqa: E402
-from pass_jax.config import ConfigError  # noqa: E402
+from pass_jax.cache import CacheOverflowError
+from pass_jax.config import ConfigError
 
 
 def _ids(text: str) -> list[int]:
@@ -85,8 +85,9 @@ def run_generate(args) -> int:
         if not args.draft_model:
             raise ValueError("--method speculative needs --draft-model DIR")
         draft = load_model(args.draft_model, dtype=args.dtype, tokenizer=False)
-    common = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                  top_p=args.top_p, seed=args.seed, max_len=args.max_len, chat=args.chat, allow_long=args.allow_long)
+    common = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
+              "top_p": args.top_p, "seed": args.seed, "max_len": args.max_len, "chat": args.chat,
+              "allow_long": args.allow_long}
 
     def run():
         return generate(model, prompts, method=args.method, k=args.k, lookahead=lookahead, variant=args.variant,

@@ -46,7 +46,7 @@ def _run_all(model, ids, batch, pad_to, **kw):
     out, secs, new, row_passes, accepted = [], 0.0, 0, 0, []
     for i in range(0, len(ids), batch):
         chunk = ids[i:i + batch]
-        res = warm(lambda: generate(model, chunk, pad_prompts_to=pad_to, eos_token_id=(), **kw))  # never a first run
+        res = warm(lambda chunk=chunk: generate(model, chunk, pad_prompts_to=pad_to, eos_token_id=(), **kw))  # never a first run
         out += res.token_ids
         secs += res.stats.seconds
         new += res.stats.new_tokens

@@ -51,7 +51,7 @@ def _complete(model, prompts, args, **kw):
 
     texts, seconds, tokens, passes = [], 0.0, 0, 0
     for i in range(0, len(prompts), args.batch_size):  # warm: no timed run is a first execution
-        res = warm(lambda: generate(model, prompts[i:i + args.batch_size], max_new_tokens=args.max_new_tokens,
+        res = warm(lambda i=i: generate(model, prompts[i:i + args.batch_size], max_new_tokens=args.max_new_tokens,
                                     temperature=args.temperature, top_p=args.top_p if args.temperature > 0 else 1.0,
                                     seed=args.seed + i, **kw))
         texts += res.texts

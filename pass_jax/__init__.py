@@ -1,7 +1,16 @@
 """pass-jax: Parallel Speculative Sampling (PaSS) for LLaMA-family models in JAX."""
 
-from .api import (GenerationResult, GenerationStats, Model, decode_fn, generate, load_model, make_plan, save_model,
-                  untrained_lookahead)
+from .api import (
+                  GenerationResult,
+                  GenerationStats,
+                  Model,
+                  decode_fn,
+                  generate,
+                  load_model,
+                  make_plan,
+                  save_model,
+                  untrained_lookahead,
+)
 from .cache import CacheOverflowError, KVCache
 from .config import ConfigError, ModelConfig
 from .lookahead import init_lookahead

@@ -29,8 +29,9 @@ from .cache import KVCache, write_block
 from .config import ModelConfig
 from .model import causal_block_mask, embed_tokens, forward, logits_from_hidden
 from .ngram import prompt_lookup, row_history
-from .sampling import Sampler, position_keys, sample, top_k, verify, verify_tree
+from .sampling import DRAFT, EMIT, Sampler, position_keys, sample, top_k, verify, verify_tree
 from .tree import DraftTree
+
 
 @dataclasses.dataclass(frozen=True)
 class DecodeSpec:
@@ -117,7 +118,7 @@ def _drafts_from_logits(logits, spec: DecodeSpec, row_keys, first_index):
         return drafts, jnp.zeros(drafts.shape + (1,), jnp.float32)
     q = spec.sampler.probs(logits)
     idx = first_index[:, None] + jnp.arange(logits.shape[1])[None]
-    return sample(q, position_keys(row_keys, idx)[:, :, 0]), q
+    return sample(q, position_keys(row_keys, idx)[:, :, DRAFT]), q
 
 
 def _emit(state: DecodeState, spec: DecodeSpec, emitted, n_emit, pending, commit=None, passes=1):
@@ -199,7 +200,7 @@ def _tree_round(plan: DecodePlan, inp: Inputs, state: DecodeState) -> DecodeStat
     offsets, block_mask = tree.layout(k)
     hidden, cache = forward(params, plan.cfg, embeds, state.cache.lengths[:, None] + offsets[None],
                             jnp.broadcast_to(block_mask, (b,) + block_mask.shape), state.cache)
-    keys = position_keys(inp.row_keys, state.out_len[:, None] + depth[None])[:, :, 2]
+    keys = position_keys(inp.row_keys, state.out_len[:, None] + depth[None])[:, :, EMIT]
     end, draws = verify_tree(logits_from_hidden(params, hidden[:, :n]), tokens, valid, tree.parents, ancestors,
                              spec.sampler, keys)
     a = depth[end]  # accepted drafts

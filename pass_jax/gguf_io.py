@@ -50,7 +50,7 @@ def open_gguf(path: str | os.PathLike):
     try:
         reader = gguf.GGUFReader(str(p))
         meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
-    except Exception as e:  # the reader raises ValueError, struct.error, IndexError... on damaged files
+    except Exception as e:  # noqa: BLE001 -- the reader raises ValueError, struct.error, IndexError... on damaged files
         raise ConfigError(f"cannot read GGUF file {str(p)!r} (truncated or not a GGUF file?): "
                           f"{type(e).__name__}: {e}") from None
     arch = meta.get("general.architecture")

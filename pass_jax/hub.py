@@ -27,7 +27,7 @@ def resolve_model_path(model: str | os.PathLike) -> Path:
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(text, allow_patterns=_HUB_FILES, etag_timeout=10))
-    except Exception as e:  # offline, DNS failure, 401/404, missing huggingface_hub...
+    except Exception as e:  # noqa: BLE001 -- offline, DNS failure, 401/404, missing huggingface_hub...
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"{text!r} is not a local directory or file, and the Hugging Face Hub is unreachable "
                           f"or has no such model ({reason}): pass a local model directory or .gguf file") from None

