@@ -114,6 +114,7 @@ def run(args) -> int:
 
     from pass_jax import generate, load_model, untrained_lookahead
     from pass_jax.checkpoint import save_lookahead
+    from pass_jax.diagnostics import evaluate as diagnose_lookahead
     from pass_jax.lookahead import check_k, init_lookahead
     from pass_jax.sharding import make_mesh, replicate, shard_batch, shard_params
     from pass_jax.training import TrainLayout, make_train_step
@@ -184,7 +185,10 @@ def run(args) -> int:
         la_host = np.asarray(state["lookahead"].addressable_data(0))
         res = generate(model, prompts, max_new_tokens=32, method="pass", k=k, lookahead=la_host, eos_token_id=())
         row = {"step": step, "loss": loss, "tokens_per_forward": res.stats.tokens_per_forward,
-               "acceptance_by_position": res.stats.acceptance_by_position}
+               "acceptance_by_position": res.stats.acceptance_by_position,
+               # per-position top-c agreement with the greedy continuation (no ceiling: the base is fixed)
+               "diagnostics": diagnose_lookahead(model.params, model.config, la_host, prompts, res.token_ids,
+                                                 ceiling_depth=0)}
         with metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
