@@ -46,7 +46,8 @@ def _generate_parser(sub) -> None:
                    help="candidate tree for --variant tree and --method ngram: look-ahead widths per depth, then "
                         "options, e.g. '3,1;ngram=4' (top-3 of look-ahead 1, top-1 of look-ahead 2 under the "
                         "best, plus a 4-token n-gram chain), ';blocks=B' to put look-ahead blocks on the B "
-                        "likeliest nodes only; 'ngram=4' alone for --method ngram (default: pass_jax.api.DEFAULT_TREE)")
+                        "likeliest nodes only, ';ngram_min=N' to draft an n-gram only after a match of N+ tokens "
+                        "(rounds without one skip the chain); 'ngram=4' alone for --method ngram (default: pass_jax.api.DEFAULT_TREE)")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template as a "
                    "user message (instruct models)")
     g = p.add_mutually_exclusive_group(required=True)
@@ -65,16 +66,33 @@ def _generate_parser(sub) -> None:
                    help="also decode autoregressively and report the speed-up (JSON key 'autoregressive'); each "
                         "method is warmed up, then the two alternate and the medians of 3 runs are reported")
     p.add_argument("--json", action="store_true", help="print one JSON object to stdout")
+    add_mesh_args(p)
+    p.add_argument("--coordinator", help="multi-process: coordinator address HOST:PORT (jax.distributed); run the "
+                   "same command on every host with its --process-id; 'auto' on a TPU pod slice (jax finds the hosts)")
+    p.add_argument("--num-processes", type=int, default=1, help="multi-process: how many processes in all")
+    p.add_argument("--process-id", type=int, default=0, help="multi-process: this process's index (0 prints)")
+
+
+def add_mesh_args(p) -> None:
+    p.add_argument("--mesh", default=None, help="DATA,MODEL device mesh, e.g. 2,4: prompts split over DATA devices "
+                   "(the batch must be a multiple of DATA), attention heads, MLP hidden and vocabulary over MODEL "
+                   "(pass_jax/sharding.py); weights are read shard by shard. Default: one device")
 
 
 def run_generate(args) -> int:
+    from pass_jax.sharding import init_distributed, parse_mesh
+
+    init_distributed(args.coordinator, args.num_processes, args.process_id)  # before anything touches devices
+    import jax
+
     from pass_jax import generate, load_model
 
     from .options import check_k_arg, resolve_k, resolve_lookahead, with_demo_defaults
 
     check_k_arg(args.k)
     args.model, args.lookahead = with_demo_defaults(args.model, args.lookahead)
-    model = load_model(args.model, dtype=args.dtype)
+    mesh = parse_mesh(args.mesh)
+    model = load_model(args.model, dtype=args.dtype, mesh=mesh)
     prompts = args.prompt if args.prompt else args.prompt_ids
     lookahead = None
     if args.method == "pass":
@@ -84,10 +102,10 @@ def run_generate(args) -> int:
     if args.method == "speculative":
         if not args.draft_model:
             raise ValueError("--method speculative needs --draft-model DIR")
-        draft = load_model(args.draft_model, dtype=args.dtype, tokenizer=False)
+        draft = load_model(args.draft_model, dtype=args.dtype, tokenizer=False, mesh=mesh)
     common = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
               "top_p": args.top_p, "seed": args.seed, "max_len": args.max_len, "chat": args.chat,
-              "allow_long": args.allow_long}
+              "allow_long": args.allow_long, "mesh": mesh}
 
     def run():
         return generate(model, prompts, method=args.method, k=args.k, lookahead=lookahead, variant=args.variant,
@@ -102,6 +120,8 @@ def run_generate(args) -> int:
         res, ar = timed["method"], timed["ar"]
     else:
         res = run()
+    if jax.process_index() != 0:  # every process ran the same program and holds every row; one prints
+        return 0
     if args.json:
         out = {"method": args.method, "k": k, "texts": res.texts, "token_ids": res.token_ids,
                "stats": res.stats.to_dict()}

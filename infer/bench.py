@@ -40,6 +40,8 @@ def add_parser(sub) -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement; the median is kept")
     p.add_argument("--no-torch", action="store_true", help="decode suite: skip the PyTorch reference")
     p.add_argument("--out", help="write the JSON results here")
+    p.add_argument("--mesh", default=None, help="DATA,MODEL device mesh for the decode and methods suites, e.g. 2,4 "
+                   "(batches rounded up to multiples of DATA; pass_jax/sharding.py). Default: one device")
     from .bench_model import add_model_args
 
     add_model_args(p)
@@ -116,12 +118,18 @@ def suite_decode(args, names):
     from pass_jax import generate
 
     rows, rate = [], stream_rate()
+    mesh, data = args.mesh, args.mesh.shape["data"] if args.mesh else 1
     for name in names:
         model = random_model(name, args.dtype)
-        for batch in (1, 8):
+        if mesh is not None:  # placed once by the rules, not on every call
+            from pass_jax.sharding import shard_params
+
+            model.params = shard_params(model.params, model.config, mesh)
+        for batch in sorted({-(-b // data) * data for b in (1, 8)}):
             prompts = _prompts(batch, model.config.vocab_size)
-            first = generate(model, prompts, max_new_tokens=args.new_tokens, eos_token_id=())
-            secs = np.median([generate(model, prompts, max_new_tokens=args.new_tokens, eos_token_id=()).stats["seconds"]
+            first = generate(model, prompts, max_new_tokens=args.new_tokens, eos_token_id=(), mesh=mesh)
+            secs = np.median([generate(model, prompts, max_new_tokens=args.new_tokens, eos_token_id=(),
+                                       mesh=mesh).stats["seconds"]
                               for _ in range(args.repeats)])
             row = {"model": name, "params_m": model.config.num_params / 1e6, "batch": batch,
                    "jax_ms_per_token": secs / args.new_tokens * 1e3, "compile_seconds": first.stats["compile_seconds"]}
@@ -217,6 +225,9 @@ def _log(row: dict) -> None:
 def run(args) -> int:
     import jax
 
+    from pass_jax.sharding import parse_mesh
+
+    mesh_arg, args.mesh = args.mesh, parse_mesh(args.mesh)
     if args.suite == "methods":
         from .bench_methods import run_methods_bench
 
@@ -234,7 +245,7 @@ def run(args) -> int:
     result = {"suite": "model" if args.model and args.suite != "methods" else args.suite, "dtype": args.dtype, "new_tokens": args.new_tokens, "repeats": args.repeats,
               "command": "python -m infer " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("__main__.py") else None,
               "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "jax": jax.__version__,
-                          "device": str(jax.devices()[0])},
+                          "device": str(jax.devices()[0]), "mesh": mesh_arg},
               **fn(args, names)}
     text = json.dumps(result, indent=2)
     if args.out:

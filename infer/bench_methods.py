@@ -89,7 +89,7 @@ def run_methods_bench(args) -> dict:
     bar = tqdm(total=len(dtypes) * len(batches) * len(samplings), desc="methods bench", unit="setting",
                file=sys.stderr)
     for dtype in dtypes:
-        model = load_model(model_path, dtype=dtype)
+        model = load_model(model_path, dtype=dtype, mesh=args.mesh)
         lookahead, args.k = resolve_lookahead(la_spec, model, args.k)
         ids = _tokenize(model, read_prompts(args.prompts), args.chat)
         pad_to = max(map(len, ids))
@@ -97,7 +97,8 @@ def run_methods_bench(args) -> dict:
         for batch in batches:
             for sampling in samplings:
                 for name, extra in table.items():
-                    kw = {"max_new_tokens": args.new_tokens, "seed": 0, **_sampling(sampling), **extra}
+                    kw = {"max_new_tokens": args.new_tokens, "seed": 0, "mesh": args.mesh, **_sampling(sampling),
+                          **extra}
                     _run(model, ids[:batch], batch, pad_to, kw)  # compile and first execution, untimed
                     res = min((_run(model, ids, batch, pad_to, kw) for _ in range(args.repeats)),
                               key=lambda r: r["seconds"])

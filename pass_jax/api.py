@@ -14,6 +14,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from .cache import CacheOverflowError
 from .config import ModelConfig
@@ -21,6 +23,7 @@ from .decode import METHODS, VARIANTS, DecodePlan, DecodeSpec
 from .hf import load_hf, save_hf
 from .lookahead import check_k, init_lookahead
 from .sampling import Sampler
+from .sharding import replicate, shard_batch, shard_params
 from .tree import DraftTree
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -39,9 +42,14 @@ class Model:
         return self.params["embed"].dtype
 
 
-def load_model(model_dir: str | os.PathLike, dtype: str = "float32", tokenizer: bool = True) -> Model:
+def load_model(model_dir: str | os.PathLike, dtype: str = "float32", tokenizer: bool = True,
+               mesh: Mesh | None = None) -> Model:
     """Load a Hugging Face Llama / Mistral / Qwen2 directory (tokenizer too, when it has one), a llama
-    .gguf file (llama.cpp, dequantized), or a Hub id `org/name` (downloaded when not a local path)."""
+    .gguf file (llama.cpp, dequantized), or a Hub id `org/name` (downloaded when not a local path).
+
+    With a (data, model) `mesh` the params are global arrays split by `sharding.LOGICAL_RULES`, and
+    each process reads from the safetensors files only the slices its own devices hold (no full
+    host copy). A GGUF file is dequantized whole, then placed: its quantized blocks do not slice."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     from .gguf_io import is_gguf, load_gguf
@@ -50,8 +58,10 @@ def load_model(model_dir: str | os.PathLike, dtype: str = "float32", tokenizer: 
     model_dir = resolve_model_path(model_dir)
     if is_gguf(model_dir):
         cfg, params, hf, tok = load_gguf(model_dir, DTYPES[dtype], tokenizer)
+        if mesh is not None:
+            params = shard_params(params, cfg, mesh)
         return Model(cfg, params, tok, hf, str(model_dir))
-    cfg, params, hf = load_hf(model_dir, DTYPES[dtype])
+    cfg, params, hf = load_hf(model_dir, DTYPES[dtype], mesh)
     tok = None
     path = Path(model_dir)
     if tokenizer and any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
@@ -155,7 +165,12 @@ def _compiled(plan: DecodePlan, args):
     key = (plan, tree, tuple((x.shape, str(x.dtype)) for x in leaves))
     if key not in _COMPILED:
         t0 = time.perf_counter()
-        exe = jax.jit(plan).lower(*args).compile()
+        if plan.mesh is None:
+            fn = jax.jit(plan)
+        else:  # inputs as placed by _sharded_args; outputs replicated so that every process reads every row
+            fn = jax.jit(_without_caches(plan), in_shardings=jax.tree.map(lambda x: x.sharding, args),
+                         out_shardings=NamedSharding(plan.mesh, P()))
+        exe = fn.lower(*args).compile()
         _COMPILED[key] = (exe, time.perf_counter() - t0)
         return exe, _COMPILED[key][1]
     return _COMPILED[key][0], 0.0
@@ -165,10 +180,11 @@ def make_plan(model: Model, *, prompt_len: int, max_new_tokens: int = 64, method
               lookahead=None, variant: str = "tree", tree: DraftTree | str | None = None, temperature: float = 0.0,
               top_k: int = 0, top_p: float = 1.0, eos_token_id: int | Sequence[int] | None = None,
               max_len: int | None = None, draft_model: Model | None = None, allow_long: bool = False,
-              longest_prompt: int | None = None):
+              longest_prompt: int | None = None, mesh: Mesh | None = None):
     """(DecodePlan, look-ahead array) for prompts padded to `prompt_len` tokens: every argument
     checked, the look-ahead resolved (None = the untrained baseline) and cut to what the plan reads.
-    Arguments as for `generate`; `longest_prompt` (default prompt_len) bounds the positions used."""
+    Arguments as for `generate`; `longest_prompt` (default prompt_len) bounds the positions used; on a
+    `mesh` the plan pins its KV caches to the sharding rules (give it params placed by them)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if variant not in VARIANTS:
@@ -233,7 +249,7 @@ def make_plan(model: Model, *, prompt_len: int, max_new_tokens: int = 64, method
             f"the KV cache holds {max_len} entries but this request needs {needed}: longest prompt "
             f"{longest} (padded to {prompt_len}) + max_new_tokens {max_new_tokens} + {spec.block_tokens} block "
             "entries; shorten the prompt, lower max_new_tokens, or raise max_len")
-    return DecodePlan(cfg, spec, max_len, draft_model.config if draft_model else None), lookahead
+    return DecodePlan(cfg, spec, max_len, draft_model.config if draft_model else None, mesh), lookahead
 
 
 def decode_fn(plan: DecodePlan):
@@ -248,12 +264,29 @@ def decode_fn(plan: DecodePlan):
     return fn
 
 
+def _sharded_args(plan: DecodePlan, params, lookahead, prompts, prompt_lens, key, draft_params):
+    """The decode's arguments placed on plan.mesh by the rules; the key travels as raw key data."""
+    mesh = plan.mesh
+    args = (shard_params(params, plan.cfg, mesh), replicate(lookahead, mesh),
+            shard_batch(prompts, mesh), shard_batch(prompt_lens, mesh), replicate(jax.random.key_data(key), mesh))
+    return args if draft_params is None else args + (shard_params(draft_params, plan.draft_cfg, mesh),)
+
+
+def _without_caches(plan: DecodePlan):
+    """The plan with a raw key in, and the final state without its KV caches out (nothing reads them)."""
+    def fn(params, lookahead, prompts, prompt_lens, key_data, draft_params=None):
+        state = plan(params, lookahead, prompts, prompt_lens, jax.random.wrap_key_data(key_data), draft_params)
+        return state.replace(cache=None, draft_cache=None)
+
+    return fn
+
+
 def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]], *, max_new_tokens: int = 64,
              method: str = "ar", k: int = 4, lookahead=None, variant: str = "tree", temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_token_id: int | Sequence[int] | None = None,
              max_len: int | None = None, draft_model: Model | None = None,
              pad_prompts_to: int | None = None, tree: DraftTree | str | None = None,
-             chat: bool = False, allow_long: bool = False) -> GenerationResult:
+             chat: bool = False, allow_long: bool = False, mesh: Mesh | None = None) -> GenerationResult:
     """Generate `max_new_tokens` per prompt (fewer where a row meets EOS).
 
     method "ar" is plain autoregressive decoding; "pass" drafts with the look-ahead embeddings
@@ -266,21 +299,29 @@ def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]
     template as a user message. max_len is the KV cache size (default: just what the request
     needs). pad_prompts_to pads the batch to one length, so differently sized requests share one
     compiled program. A request past the model's max_position_embeddings is an error, or with
-    allow_long=True a warning.
+    allow_long=True a warning. On a (data, model) `mesh` (sharding.make_mesh) the whole loop runs
+    under one jit, rows split over "data" (the batch must be a multiple of it) and weights over
+    "model" by sharding.LOGICAL_RULES; every process of a multi-process run calls it alike and gets
+    every row back.
     """
     ids = _tokenize(model, prompts, chat)
+    if mesh is not None and len(ids) % mesh.shape["data"]:
+        raise ValueError(f"a batch of {len(ids)} prompts does not split over the mesh's data axis of "
+                         f"{mesh.shape['data']}: pass a multiple of it (add dummy prompts and drop their rows)")
     lens = [len(p) for p in ids]
     tp = _round_up(max(max(lens), pad_prompts_to or 0), 16)
     plan, lookahead = make_plan(
         model, prompt_len=tp, longest_prompt=max(lens), max_new_tokens=max_new_tokens, method=method, k=k,
         lookahead=lookahead, variant=variant, tree=tree, temperature=temperature, top_k=top_k, top_p=top_p,
-        eos_token_id=eos_token_id, max_len=max_len, draft_model=draft_model, allow_long=allow_long)
+        eos_token_id=eos_token_id, max_len=max_len, draft_model=draft_model, allow_long=allow_long, mesh=mesh)
     padded = np.zeros((len(ids), tp), np.int32)
     for i, p in enumerate(ids):
         padded[i, :len(p)] = p
     draft_params = draft_model.params if plan.draft_cfg is not None else None
     args = (model.params, lookahead, jnp.asarray(padded), jnp.asarray(lens, jnp.int32), jax.random.key(seed),
             draft_params)
+    if mesh is not None:
+        args = _sharded_args(plan, *args)
     exe, compile_s = _compiled(plan, args)
     t0 = time.perf_counter()
     state = jax.block_until_ready(exe(*args))

@@ -12,6 +12,7 @@ import numpy as np
 
 from .config import ConfigError
 from .lookahead import check_k
+from .sharding import host_array
 
 METADATA = "lookahead.json"
 
@@ -23,7 +24,8 @@ def model_fingerprint(model) -> str:
     h = hashlib.sha256(json.dumps([c.architecture, c.vocab_size, c.hidden_size, c.num_layers, c.num_heads,
                                    c.num_kv_heads, c.head_dim]).encode())
     # rounded to bfloat16 so one model loaded in float32, float16 or bfloat16 has one fingerprint
-    h.update(np.asarray(jnp.asarray(model.params["embed"][:64]).astype(jnp.bfloat16).astype(jnp.float32)).tobytes())
+    rows = host_array(model.params["embed"][:64])  # gathered, where a mesh spreads them over processes
+    h.update(np.asarray(jnp.asarray(rows).astype(jnp.bfloat16).astype(jnp.float32)).tobytes())
     return h.hexdigest()[:16]
 
 

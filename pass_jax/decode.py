@@ -24,12 +24,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+from jax.sharding import Mesh
 
 from .cache import KVCache, write_block
 from .config import ModelConfig
 from .model import causal_block_mask, embed_tokens, forward, logits_from_hidden
 from .ngram import prompt_lookup, row_history
 from .sampling import DRAFT, EMIT, Sampler, position_keys, sample, top_k, verify, verify_tree
+from .sharding import constrain_cache
 from .tree import DraftTree
 
 
@@ -355,6 +357,15 @@ class DecodePlan:
     spec: DecodeSpec
     max_len: int
     draft_cfg: ModelConfig | None = None
+    mesh: Mesh | None = None  # a (data, model) mesh: the KV caches are pinned to sharding.CACHE_AXES
+
+    def _pin(self, state: DecodeState) -> DecodeState:
+        """On a mesh, keep the loop carry's KV caches split by the rules (rows over "data", KV heads
+        over "model") rather than wherever GSPMD's propagation would put them."""
+        if self.mesh is None:
+            return state
+        draft = None if state.draft_cache is None else constrain_cache(state.draft_cache, self.mesh)
+        return state.replace(cache=constrain_cache(state.cache, self.mesh), draft_cache=draft)
 
     def __call__(self, params, lookahead, prompts, prompt_lens, key, draft_params=None) -> DecodeState:
         """prompts [B, Tp] padded, prompt_lens [B], key a PRNG key; returns the final DecodeState."""
@@ -364,4 +375,5 @@ class DecodePlan:
         state = _prefill(self, inp)
         if method.prefill is not None:
             state = method.prefill(self, inp, state)
-        return jax.lax.while_loop(lambda st: ~jnp.all(st.done), lambda st: method.round(self, inp, st), state)
+        return jax.lax.while_loop(lambda st: ~jnp.all(st.done), lambda st: self._pin(method.round(self, inp, st)),
+                                  self._pin(state))

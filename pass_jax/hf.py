@@ -95,6 +95,111 @@ def params_from_hf_tensors(cfg: ModelConfig, t: dict[str, np.ndarray], dtype) ->
     return params
 
 
+class SliceReader:
+    """Reads parts of the HF tensors of a safetensors directory (single file or sharded index)
+    through `safe_open(...).get_slice`, so a process touches only the bytes it asks for."""
+
+    def __init__(self, path: Path):
+        import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, which safetensors' numpy slices need)
+        from safetensors import safe_open
+
+        index = path / "model.safetensors.index.json"
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
+            else ["model.safetensors"]
+        self.files = {}  # tensor name -> open file
+        for name in files:
+            if not (path / name).is_file():
+                raise ConfigError(f"{str(path)!r} lacks weight file {name} (expected safetensors weights)")
+            f = safe_open(str(path / name), framework="numpy")
+            self.files.update(dict.fromkeys(f.keys(), f))
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name not in self.files:
+            raise ConfigError(f"checkpoint lacks tensor {name!r}")
+        return tuple(self.files[name].get_slice(name).get_shape())
+
+    def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        """tensor[index]: the one place that reads weight bytes (tests count what passes here)."""
+        return self.files[name].get_slice(name)[index]
+
+
+def _hf_sources(cfg: ModelConfig) -> dict:
+    """Where each param comes from, as the params tree: (HF tensors concatenated along our last
+    axis, transposed?). HF linear weights are [out, in], ours [in, out]; q/k/v and gate/up fused."""
+    def layer(i):
+        p = _LAYER.format(i)
+        src = {"attn_norm": ([p + "input_layernorm.weight"], False),
+               "qkv": ([p + f"self_attn.{n}_proj.weight" for n in "qkv"], True),
+               "o": ([p + "self_attn.o_proj.weight"], True),
+               "mlp_norm": ([p + "post_attention_layernorm.weight"], False),
+               "gate_up": ([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"], True),
+               "down": ([p + "mlp.down_proj.weight"], True)}
+        if cfg.attention_bias:
+            src["qkv_bias"] = ([p + f"self_attn.{n}_proj.bias" for n in "qkv"], False)
+        if cfg.o_bias:
+            src["o_bias"] = ([p + "self_attn.o_proj.bias"], False)
+        return src
+
+    src = {"embed": (["model.embed_tokens.weight"], False), "layers": [layer(i) for i in range(cfg.num_layers)],
+           "norm": (["model.norm.weight"], False)}
+    if not cfg.tie_word_embeddings:
+        src["lm_head"] = (["lm_head.weight"], True)
+    return src
+
+
+def read_param_slice(reader: SliceReader, names: list[str], transposed: bool, shape: tuple[int, ...],
+                     index: tuple[slice, ...]) -> np.ndarray:
+    """param[index] for a param of `shape` made of `names` concatenated along its last axis (each
+    transposed from [out, in] when `transposed`): only the intersecting slice of each HF tensor is read."""
+    index = tuple(slice(*s.indices(n)) for s, n in zip(index, shape))
+    lo, hi = index[-1].start, index[-1].stop
+    parts, offset = [], 0
+    for name in names:
+        full = reader.shape(name)
+        width = full[0] if transposed else full[-1]
+        want = (width, *shape[:-1]) if transposed else (*shape[:-1], width)
+        if full != want:
+            raise ConfigError(f"tensor {name} has shape {full}, the config implies {want}")
+        a, b = max(lo, offset), min(hi, offset + width)
+        if a < b:
+            cols = slice(a - offset, b - offset)
+            parts.append(reader.read(name, (cols, *index[:-1])).T if transposed else
+                         reader.read(name, (*index[:-1], cols)))
+        offset += width
+    if offset != shape[-1]:
+        raise ConfigError(f"tensors {names} hold {offset} columns, the config implies {shape[-1]}")
+    return np.concatenate(parts, -1) if len(parts) > 1 else parts[0]
+
+
+def load_sharded_params(cfg: ModelConfig, reader: SliceReader, dtype, mesh) -> dict:
+    """Params as global arrays on `mesh` (sharding.LOGICAL_RULES), each process reading only the
+    slices its own devices hold (`jax.make_array_from_callback` asks for exactly those)."""
+    import jax
+
+    from .model import init_params
+    from .sharding import param_shardings
+
+    shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), dtype))
+    np_dtype = np.dtype(dtype)
+
+    def load(source, shape, sharding):
+        names, transposed = source
+        cache = {}  # devices that hold the same slice (replicas over the other mesh axis) share one read
+
+        def shard(index):
+            key = tuple((s.start, s.stop) for s in index)
+            if key not in cache:
+                cache[key] = read_param_slice(reader, names, transposed, shape.shape, index).astype(np_dtype)
+            return cache[key]
+
+        return jax.make_array_from_callback(shape.shape, sharding, shard)
+
+    def is_source(x):
+        return isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], list)
+
+    return jax.tree.map(load, _hf_sources(cfg), shapes, param_shardings(cfg, mesh, shapes), is_leaf=is_source)
+
+
 def hf_tensors_from_params(cfg: ModelConfig, params: dict) -> dict[str, np.ndarray]:
     """Inverse of params_from_hf_tensors, in the params' own dtype."""
     def np_(x):
@@ -123,8 +228,8 @@ def hf_tensors_from_params(cfg: ModelConfig, params: dict) -> dict[str, np.ndarr
     return t
 
 
-def load_hf(model_dir: str | os.PathLike, dtype=jnp.float32) -> tuple[ModelConfig, dict, dict[str, Any]]:
-    """(config, params, raw config.json) from a Hugging Face directory."""
+def load_hf(model_dir: str | os.PathLike, dtype=jnp.float32, mesh=None) -> tuple[ModelConfig, dict, dict[str, Any]]:
+    """(config, params, raw config.json) from a Hugging Face directory; on a mesh, read shard by shard."""
     hf = read_hf_config(model_dir)
     cfg = ModelConfig.from_hf_dict(hf)
     gen_path = Path(model_dir) / "generation_config.json"
@@ -135,6 +240,8 @@ def load_hf(model_dir: str | os.PathLike, dtype=jnp.float32) -> tuple[ModelConfi
             eos = None
         extra = eos if isinstance(eos, list) else ([] if eos is None else [eos])
         cfg = dataclasses.replace(cfg, eos_token_ids=tuple(dict.fromkeys([*cfg.eos_token_ids, *map(int, extra)])))
+    if mesh is not None:
+        return cfg, load_sharded_params(cfg, SliceReader(Path(model_dir)), dtype, mesh), hf
     return cfg, params_from_hf_tensors(cfg, _read_tensors(Path(model_dir)), dtype), hf
 
 

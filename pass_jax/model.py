@@ -114,6 +114,25 @@ def causal_block_mask(valid: jax.Array) -> jax.Array:
     return jnp.tril(jnp.ones((t, t), bool))[None] & valid[:, None, :]
 
 
+def param_axes(cfg: ModelConfig) -> dict:
+    """Logical axis names of every parameter: the same tree as `init_params`, a name per dimension.
+
+    `sharding.LOGICAL_RULES` maps the names to mesh axes, so the layout is declared here, once,
+    for training and generation alike, instead of guessed from shapes. "qkv" is the fused
+    [q heads | k heads | v heads] output and "mlp" the fused [gate | up] output (and down's input).
+    """
+    layer = {"attn_norm": ("norm",), "qkv": ("embed", "qkv"), "o": ("heads", "embed"), "mlp_norm": ("norm",),
+             "gate_up": ("embed", "mlp"), "down": ("mlp", "embed")}
+    if cfg.attention_bias:
+        layer["qkv_bias"] = ("qkv",)
+    if cfg.o_bias:
+        layer["o_bias"] = ("norm",)
+    axes = {"embed": ("vocab", "embed"), "layers": [dict(layer) for _ in range(cfg.num_layers)], "norm": ("norm",)}
+    if not cfg.tie_word_embeddings:
+        axes["lm_head"] = ("embed", "vocab")
+    return axes
+
+
 def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, scale: float = 0.02) -> Params:
     """Random params (normal * scale, norms at 1): for tests, benchmarks and pretraining."""
     d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim

@@ -104,10 +104,9 @@ def _optimizer(args):
 def run(args) -> int:
     import jax
 
-    if args.num_processes > 1:
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives; no effect on GPU/TPU
-        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
-                                   process_id=args.process_id)
+    from pass_jax.sharding import init_distributed
+
+    init_distributed(args.coordinator, args.num_processes, args.process_id)  # before anything touches devices
     import orbax.checkpoint as ocp
     from jax.sharding import NamedSharding, PartitionSpec
     from tqdm import tqdm
@@ -165,7 +164,7 @@ def run(args) -> int:
     mesh = make_mesh(data, model_axis)
     if args.batch_size % data:
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the mesh's data axis ({data})")
-    params = shard_params(model.params, mesh)
+    params = shard_params(model.params, model.config, mesh)  # the declared layout (sharding.LOGICAL_RULES)
     state = replicate(state, mesh)
     train_step = make_train_step(model.config, layout, args.loss, tx, NamedSharding(mesh, PartitionSpec()))
 
