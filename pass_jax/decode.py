@@ -177,10 +177,14 @@ def _round(plan: DecodePlan, inp: Inputs, state: DecodeState, use_drafts: bool, 
     return _emit(state, spec, emitted, a + 1, nxt)
 
 
-def _tree_round(plan: DecodePlan, inp: Inputs, state: DecodeState) -> DecodeState:
-    """One tree pass: verify every candidate path at once, keep the longest accepted one, draft the next."""
+def _tree_round(plan: DecodePlan, inp: Inputs, state: DecodeState, tree: DraftTree, ngram=None) -> DecodeState:
+    """One tree pass: verify every candidate path at once, keep the longest accepted one, draft the next.
+
+    `tree` is spec.tree or spec.tree.without_ngram() (its first nodes, same look-ahead blocks);
+    ngram = (tokens, valid) [B, tree.ngram] are the n-gram chain's candidates.
+    """
     params, spec = inp.params, plan.spec
-    tree, k, b = spec.tree, spec.k, state.pending.shape[0]
+    k, b = spec.k, state.pending.shape[0]
     n, n_blocks = tree.num_nodes, tree.num_blocks(k)
     depth, ancestors = jnp.asarray(tree.depth), jnp.asarray(tree.ancestors)
     # candidates [B, N]: the pending token (root), look-ahead ranks, then the n-gram chain
@@ -190,10 +194,8 @@ def _tree_round(plan: DecodePlan, inp: Inputs, state: DecodeState) -> DecodeStat
         tokens.append(state.top_candidates[:, la_depth, jnp.asarray([p[-1] for p in tree.paths])])
         valid.append(la_depth[None] < state.n_drafts[:, None])
     if tree.ngram:
-        history = row_history(inp.prompts, inp.prompt_lens, state.out)
-        ngram, found = prompt_lookup(history, inp.prompt_lens + state.out_len, tree.ngram_n, tree.ngram)
-        tokens.append(ngram)
-        valid.append(found)
+        tokens.append(ngram[0])
+        valid.append(ngram[1])
     tokens, valid = jnp.concatenate(tokens, 1), jnp.concatenate(valid, 1)
     embeds = embed_tokens(params, tokens)
     if n_blocks:
@@ -215,11 +217,12 @@ def _tree_round(plan: DecodePlan, inp: Inputs, state: DecodeState) -> DecodeStat
     if np.any(tree.parents[1:] != np.arange(n - 1)):  # a chain's accepted path is already contiguous
         cache = cache.gather_path(path)
     live = ~state.done
+    hits = jnp.sum(ancestors[end] & live[:, None], 0)  # the full tree's first n nodes are this tree's nodes
     state = state.replace(
         cache=cache,
-        accepted=state.accepted + jnp.sum((a[:, None] > jnp.arange(tree.max_depth)[None]) & live[:, None], 0),
+        accepted=state.accepted + jnp.sum((a[:, None] > jnp.arange(spec.max_drafts)[None]) & live[:, None], 0),
         draft_rounds=state.draft_rounds + live.sum(),
-        node_hits=state.node_hits + jnp.sum(ancestors[end] & live[:, None], 0),
+        node_hits=state.node_hits + jnp.pad(hits, (0, state.node_hits.shape[0] - n)),
     )
     if n_blocks:  # next drafts: the block of the deepest accepted node that has one, shifted past the accepted
         with_block = ancestors[end] & (jnp.arange(n) < n_blocks)[None]
@@ -303,6 +306,23 @@ def _prefill_draft_model(plan: DecodePlan, inp: Inputs, state: DecodeState) -> D
 
 
 # ---- the draft methods: what one round of each does ---------------------------------------------
+def _tree_method_round(plan, inp, st):
+    """A tree round; the n-gram chain rides along only when some live row found a match worth drafting
+    (ngram_min tokens or more), so rounds without one cost what the rest of the tree costs (for
+    method "ngram": an autoregressive step)."""
+    tree = plan.spec.tree
+    if not tree.ngram:
+        return _tree_round(plan, inp, st, tree)
+    history = row_history(inp.prompts, inp.prompt_lens, st.out)
+    tokens, valid, matched = prompt_lookup(history, inp.prompt_lens + st.out_len, tree.ngram_n, tree.ngram)
+    valid &= (matched >= tree.ngram_min)[:, None]
+    if tree.ngram_min == 1:  # every match is drafted: always the full tree
+        return _tree_round(plan, inp, st, tree, (tokens, valid))
+    return jax.lax.cond(jnp.any(valid[:, 0] & ~st.done), lambda s: _tree_round(plan, inp, s, tree, (tokens, valid)),
+                        lambda s: _tree_round(plan, inp, s, tree.without_ngram()), st)
+
+
+
 def _ar_round(plan, inp, st):
     return _round(plan, inp, st, use_drafts=False, use_la=False)
 
@@ -337,10 +357,10 @@ class DraftMethod:
 
 DRAFT_METHODS = {
     "ar": DraftMethod(_ar_round, lambda spec: 1),
-    "pass/tree": DraftMethod(_tree_round, lambda spec: spec.tree.num_tokens(spec.k), lookahead=True, tree=True),
+    "pass/tree": DraftMethod(_tree_method_round, lambda spec: spec.tree.num_tokens(spec.k), lookahead=True, tree=True),
     "pass/fused": DraftMethod(_fused_round, lambda spec: 1 + 2 * spec.k, lookahead=True),
     "pass/paper": DraftMethod(_paper_round, lambda spec: 1 + 2 * spec.k, lookahead=True),
-    "ngram": DraftMethod(_tree_round, lambda spec: spec.tree.num_tokens(0), tree=True),
+    "ngram": DraftMethod(_tree_method_round, lambda spec: spec.tree.num_tokens(0), tree=True),
     "speculative": DraftMethod(_speculative_round, lambda spec: 1 + spec.k, prefill=_prefill_draft_model),
 }
 METHODS = ("ar", "pass", "ngram", "speculative")

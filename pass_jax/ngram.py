@@ -20,12 +20,14 @@ def row_history(prompts, prompt_lens, out):
 
 
 def prompt_lookup(history, length, max_ngram: int, m: int):
-    """(tokens [B, m], valid [B, m]): continuation of the longest suffix (<= max_ngram tokens) of
+    """(tokens [B, m], valid [B, m], matched [B]): continuation of the longest suffix (<= max_ngram tokens) of
     history[b, :length[b]] that also occurs earlier, taken from its most recent earlier occurrence
-    that is followed by m known tokens (or by as many as any occurrence is)."""
+    that is followed by m known tokens (or by as many as any occurrence is), and the matched suffix's
+    length (0: no match)."""
     b, h = history.shape
     j = jnp.arange(h)[None]
     cont = jnp.full((b,), -1, jnp.int32)  # where the continuation starts; -1 = no match yet
+    matched = jnp.zeros((b,), jnp.int32)  # length of the suffix that matched
     for n in range(max_ngram, 0, -1):  # longest suffix first
         suffix = jnp.take_along_axis(history, jnp.clip(length[:, None] - n + jnp.arange(n)[None], 0, h - 1), 1)
         match = (j + n < length[:, None]) & (length[:, None] > n)  # an earlier occurrence with a follower
@@ -36,7 +38,8 @@ def prompt_lookup(history, length, max_ngram: int, m: int):
         # repeating run the latest occurrence overlaps the suffix and has only one token after it
         room = jnp.minimum(length[:, None] - (j + n), m)
         best = jnp.max(jnp.where(match, room * h + j, -1), axis=1)
-        cont = jnp.where((cont < 0) & (best >= 0), best % h + n, cont)
+        new = (cont < 0) & (best >= 0)
+        cont, matched = jnp.where(new, best % h + n, cont), jnp.where(new, n, matched)
     idx = cont[:, None] + jnp.arange(m)[None]
     tokens = jnp.take_along_axis(history, jnp.clip(idx, 0, h - 1), 1)
-    return tokens, (cont[:, None] >= 0) & (idx < length[:, None])
+    return tokens, (cont[:, None] >= 0) & (idx < length[:, None]), matched

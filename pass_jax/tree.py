@@ -32,6 +32,7 @@ class DraftTree:
     ngram: int = 0  # length of the n-gram chain (0 = no n-gram drafts)
     ngram_n: int = 3  # longest suffix of the context that prompt lookup matches
     la_blocks: int | None = None  # look-ahead blocks on the first n nodes (None = every node)
+    ngram_min: int = 1  # shortest matched suffix worth drafting; rounds where no row has one skip the chain
 
     def __post_init__(self):
         seen = {()}
@@ -43,20 +44,22 @@ class DraftTree:
             if p in seen:
                 raise ValueError(f"tree path {p!r} appears twice")
             seen.add(p)
-        if self.ngram < 0 or self.ngram_n < 1:
-            raise ValueError(f"need ngram >= 0 and ngram_n >= 1, got {self.ngram}, {self.ngram_n}")
+        if self.ngram < 0 or not 1 <= self.ngram_min <= self.ngram_n:
+            raise ValueError(f"need ngram >= 0 and 1 <= ngram_min <= ngram_n, got {self.ngram}, {self.ngram_min}, "
+                             f"{self.ngram_n}")
         if self.la_blocks is not None and self.la_blocks < 0:
             raise ValueError(f"la_blocks must be >= 0 or None, got {self.la_blocks}")
 
     @classmethod
-    def from_widths(cls, widths, ngram: int = 0, ngram_n: int = 3, la_blocks: int | None = None) -> DraftTree:
+    def from_widths(cls, widths, ngram: int = 0, ngram_n: int = 3, la_blocks: int | None = None,
+                    ngram_min: int = 1) -> DraftTree:
         """widths[d]: candidates at depth d+1, all children of the best candidate at depth d (a spine with ribs)."""
         widths = tuple(int(w) for w in widths)
         if any(w < 1 for w in widths):
             raise ValueError(f"tree widths must be >= 1, got {widths}")
         paths = [(0,) * d + (r,) for d, w in enumerate(widths) for r in range(w)]
         paths.sort(key=lambda p: (sum(p), len(p)))  # likeliest path ends first: they get blocks first
-        return cls(tuple(paths), ngram, ngram_n, la_blocks)
+        return cls(tuple(paths), ngram, ngram_n, la_blocks, ngram_min)
 
     @classmethod
     def parse(cls, text: str) -> DraftTree:
@@ -69,19 +72,25 @@ class DraftTree:
             try:
                 if not eq:
                     widths = tuple(int(w) for w in part.split(","))
-                elif key in ("ngram", "ngram_n", "blocks"):
+                elif key in ("ngram", "ngram_n", "ngram_min", "blocks"):
                     kw["la_blocks" if key == "blocks" else key] = int(val)
                 else:
                     raise ValueError
             except ValueError:
                 raise ValueError(f"cannot read tree {text!r}: use look-ahead widths like '4,2,1', optionally "
-                                 "followed by ';ngram=M', ';ngram_n=N' and ';blocks=B'") from None
+                                 "followed by ';ngram=M', ';ngram_n=N', ';ngram_min=N' and ';blocks=B'") from None
         return cls.from_widths(widths, **kw)
 
     def describe(self) -> str:
         widths = [sum(1 for p in self.paths if len(p) == d) for d in range(1, self.la_depth + 1)]
         return ";".join([",".join(map(str, widths)) or "none", f"ngram={self.ngram}"]
+                        + ([f"ngram_n={self.ngram_n}"] if self.ngram_n != 3 else [])
+                        + ([f"ngram_min={self.ngram_min}"] if self.ngram_min != 1 else [])
                         + ([f"blocks={self.la_blocks}"] if self.la_blocks is not None else []))
+
+    def without_ngram(self) -> DraftTree:
+        """The same tree without its n-gram chain: for rounds where no row found a match worth drafting."""
+        return dataclasses.replace(self, ngram=0, ngram_min=1)
 
     # ---- static layout ---------------------------------------------------------------------------
     @property

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import pass_jax as pj
 from pass_jax.cache import KVCache
-from pass_jax.decode import DecodePlan, DecodeSpec, Inputs, _prefill, _tree_round
+from pass_jax.decode import DecodePlan, DecodeSpec, Inputs, _prefill, _tree_method_round
 from pass_jax.model import causal_block_mask, embed_tokens, forward
 from pass_jax.ngram import prompt_lookup, row_history
 from pass_jax.tree import DraftTree
@@ -19,7 +19,7 @@ from pass_jax.tree import DraftTree
 from .conftest import tiny_model
 from .test_pass_greedy import PROMPTS, _constant_model, _eos_inside_budget
 
-TREES = ["3,2,1;ngram=3", "2,2;ngram=0", "3,1;ngram=4;blocks=2", "1,1,1", "4;ngram=2;blocks=0"]
+TREES = ["3,2,1;ngram=3", "2,2;ngram=0", "3,1;ngram=4;blocks=2;ngram_min=2", "1,1,1", "4;ngram=2;blocks=0"]
 REPETITIVE = [[1, 2, 3, 4, 1, 2, 3, 4, 1, 2], [5, 6, 5, 6, 5], [3]]
 
 
@@ -55,13 +55,14 @@ def test_prompt_lookup_takes_longest_then_most_recent_match():
                         [1, 2, 3, 4, 5, 0, 0, 0, 0, 0, 0, 0],  # no earlier occurrence of 5
                         [7, 7, 7, 7, 7, 0, 0, 0, 0, 0, 0, 0],  # a run: the earliest occurrence, 2 followers
                         [4, 6, 0, 4, 8, 4, 0, 0, 0, 0, 0, 0]])  # "4": only 1 follower known after 8 -> 6 0 4
-    tokens, ok = prompt_lookup(hist, jnp.asarray([11, 5, 5, 5, 6]), max_ngram=3, m=3)
+    tokens, ok, matched = prompt_lookup(hist, jnp.asarray([11, 5, 5, 5, 6]), max_ngram=3, m=3)
+    assert matched.tolist() == [3, 1, 0, 3, 1]
     assert tokens[0].tolist() == [9, 2, 3] and ok[0].all()
     assert tokens[1].tolist() == [5, 4, 6] and ok[1].all()
     assert not ok[2].any()
     assert tokens[3, :2].tolist() == [7, 7] and ok[3].tolist() == [True, True, False]
     assert tokens[4].tolist() == [6, 0, 4] and ok[4].all()
-    tokens, ok = prompt_lookup(hist[3:4], jnp.asarray([3]), max_ngram=3, m=3)  # "7 7 7": "7 7" has 1 follower
+    tokens, ok, _ = prompt_lookup(hist[3:4], jnp.asarray([3]), max_ngram=3, m=3)  # "7 7 7": "7 7" has 1 follower
     assert tokens[0, :1].tolist() == [7] and ok[0].tolist() == [True, False, False]
     prompts, out = jnp.asarray([[7, 8, 0, 0]]), jnp.asarray([[5, 6, 9]])
     assert row_history(prompts, jnp.asarray([2]), out)[0, :5].tolist() == [7, 8, 5, 6, 9]
@@ -103,15 +104,17 @@ def test_greedy_ngram_equals_autoregressive_and_accepts_on_repetitive_prompts(sm
     widths=st.lists(st.integers(1, 3), min_size=0, max_size=4),
     ngram=st.integers(0, 4),
     blocks=st.one_of(st.none(), st.integers(0, 6)),
+    ngram_min=st.integers(1, 3),
     seed=st.integers(0, 2**16),
     prompts=st.lists(st.lists(st.integers(0, 2), min_size=1, max_size=12), min_size=1, max_size=3),
     budget=st.integers(1, 24),
 )
-def test_property_greedy_tree_is_lossless(vocab, kv_heads, k, widths, ngram, blocks, seed, prompts, budget):
+def test_property_greedy_tree_is_lossless(vocab, kv_heads, k, widths, ngram, blocks, ngram_min, seed, prompts,
+                                          budget):
     widths = widths[:k]
     m = tiny_model(vocab=vocab, hidden=32, layers=2, heads=4, kv_heads=kv_heads, seed=seed, scale=0.7)
     la = pj.init_lookahead(m.params, k, "random", key=jax.random.key(seed))
-    tree = DraftTree.from_widths(widths, ngram=ngram, la_blocks=blocks)
+    tree = DraftTree.from_widths(widths, ngram=ngram, la_blocks=blocks, ngram_min=ngram_min)
     ar = pj.generate(m, prompts, max_new_tokens=budget, eos_token_id=())
     r = pj.generate(m, prompts, max_new_tokens=budget, eos_token_id=(), method="pass", variant="tree", k=k,
                     lookahead=la, tree=tree)
@@ -141,14 +144,14 @@ def test_compacted_cache_equals_autoregressive_cache_after_every_round(small_voc
     m, k = small_vocab_model, 3
     prompts = [[1, 2, 3, 1, 2, 3, 1], [4, 5, 6, 0, 1, 2, 3]]
     ar = pj.generate(m, prompts, max_new_tokens=30, eos_token_id=()).token_ids
-    spec = DecodeSpec("pass", k, "tree", pj.Sampler(), 30, (), DraftTree.parse("3,2;ngram=3"))
+    spec = DecodeSpec("pass", k, "tree", pj.Sampler(), 30, (), DraftTree.parse("3,2;ngram=3;ngram_min=2"))
     plan = DecodePlan(m.config, spec, max_len=96)
     la = pj.init_lookahead(m.params, k, "random", key=jax.random.key(0))
     padded = jnp.asarray([p + [0] * (16 - len(p)) for p in prompts])
     lens = jnp.asarray([len(p) for p in prompts])
     inp = Inputs(m.params, la, padded, lens, jnp.zeros((2, 2), jnp.uint32))
     state = jax.jit(functools.partial(_prefill, plan))(inp)
-    step = jax.jit(functools.partial(_tree_round, plan))
+    step = jax.jit(functools.partial(_tree_method_round, plan))
     branched = 0
     while not bool(state.done.all()):
         before = np.asarray(state.out_len)
@@ -164,7 +167,7 @@ def test_compacted_cache_equals_autoregressive_cache_after_every_round(small_voc
     assert branched >= 3, "the test should see rounds that accepted drafts"
 
 
-@pytest.mark.parametrize("tree", ["3,2,1;ngram=3", "ngram=4"])
+@pytest.mark.parametrize("tree", ["3,2,1;ngram=3", "ngram=4;ngram_min=2"])
 def test_sampled_tree_equals_autoregressive_sampling_for_the_same_seed(small_vocab_model, tree):
     m = small_vocab_model
     prompts = PROMPTS + REPETITIVE
