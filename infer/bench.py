@@ -37,7 +37,7 @@ def add_parser(sub) -> None:
                    "35m,120m or tiny (default per suite: decode 7m,35m,120m; passes 35m,120m; overhead 12m,35m,120m)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="parameter dtype")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per timed run (default 64)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement; the median is kept")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement; the median is kept (model and methods suites: the fastest)")
     p.add_argument("--no-torch", action="store_true", help="decode suite: skip the PyTorch reference")
     p.add_argument("--out", help="write the JSON results here")
     p.add_argument("--mesh", default=None, help="DATA,MODEL device mesh for the decode and methods suites, e.g. 2,4 "
@@ -154,7 +154,7 @@ def _pass_cost_fn(model, t: int, batch: int, context: int, iters: int):
     from pass_jax.model import causal_block_mask, embed_tokens, forward, logits_from_hidden
 
     cfg = model.config
-    cache = KVCache.create(cfg, batch, context + 32, model.dtype).commit(jnp.full((batch,), context))
+    cache = KVCache.create(cfg, batch, context + max(32, t), model.dtype).commit(jnp.full((batch,), context))
     tokens = jnp.ones((batch, t), jnp.int32)
     positions = context + jnp.broadcast_to(jnp.arange(t), (batch, t))
     mask = causal_block_mask(jnp.ones((batch, t), bool))

@@ -23,7 +23,7 @@ def add_methods_args(p) -> None:
     g.add_argument("--k", type=int, default=4, help="look-ahead count for the PaSS methods")
     g.add_argument("--tree", default=None, help="tree of 'pass_tree_ngram' (default: pass_jax.api.DEFAULT_TREE)")
     g.add_argument("--la-tree", default="3,1", help="tree of 'pass_tree': look-ahead candidates only")
-    g.add_argument("--ngram-tree", default="ngram=4", help="tree of 'ngram'")
+    g.add_argument("--ngram-tree", default="ngram=4;ngram_min=2", help="tree of 'ngram'")
     g.add_argument("--only", default=None, help="comma-separated subset of the methods")
 
 

@@ -19,7 +19,7 @@ def with_demo_defaults(model: str | None, lookahead: str | None) -> tuple[str, s
     if model == "smollm2":
         try:
             return str(smollm2_dir()), lookahead or "untrained"
-        except (FileNotFoundError, OSError, ValueError) as e:
+        except (OSError, ValueError) as e:
             print(f"note: SmolLM2-135M-Instruct is not available here ({e}); using the embedded demo model",
                   file=sys.stderr)
             model = None

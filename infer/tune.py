@@ -2,9 +2,10 @@
 
 1. Probe: decode held-back prompts greedily with a large tree (look-ahead top-c candidates and an
    n-gram chain, a look-ahead block on every node) and count how often each node lay on the
-   accepted path. Candidates are deterministic, so whether a node is right does not depend on
-   which other nodes are in the tree: a subtree S accepts 1 + sum of its nodes' rates tokens per
-   pass in expectation.
+   accepted path. Candidates are deterministic, so whether a node is right hardly depends on
+   which other nodes are in the tree: a subtree S accepts about 1 + the sum of its nodes' rates
+   tokens per pass. An estimate (a smaller tree moves the round boundaries, and of two equal
+   siblings only one is counted): step 4 measures the chosen tree.
 2. Cost: time one forward pass over T = 1..64 new tokens at a warm cache on this machine.
 3. Choose: for every node budget, the likeliest nodes (a parent is never less likely than its
    child, so they form a tree), with look-ahead blocks on every node when any look-ahead candidate
@@ -74,6 +75,8 @@ def choose(tree, rates, costs, k: int, max_nodes: int):
         if any(p[:-1] and p[:-1] not in paths for p in paths) or chain != list(range(1, ngram + 1)):
             continue  # not closed under parents (cannot happen: a child is never likelier than its parent)
         cand = DraftTree(paths, ngram, tree.ngram_n)
+        if set(DraftTree.parse(cand.describe()).paths) != set(paths):
+            continue  # not a spine with ribs: its printed form would name another tree
         t = cand.num_tokens(cand.slots_used(k) if paths else 0)
         expected = 1 + sum(rates[i] for i in chosen)
         table.append({"tree": cand.describe(), "nodes": n + 1, "tokens": t, "expected_tokens_per_pass": expected,

@@ -144,7 +144,9 @@ def _tokenize(model: Model, prompts, chat: bool = False) -> list[list[int]]:
     return ids
 
 
-DEFAULT_TREE = DraftTree.from_widths((3, 1), ngram=4)
+# The fastest PaSS tree measured (infer/results/methods_*.json): the best look-ahead candidate and a
+# 4-token n-gram chain drafted after 2+ matching tokens, one look-ahead block (at the root)
+DEFAULT_TREE = DraftTree.from_widths((1,), ngram=4, ngram_min=2, la_blocks=1)
 DEFAULT_NGRAM = 4
 
 
@@ -156,7 +158,8 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-_COMPILED: dict = {}
+_COMPILED: dict = {}  # plan and shapes -> (executable, compile seconds); the oldest go past _MAX_COMPILED
+_MAX_COMPILED = 64
 
 
 def _compiled(plan: DecodePlan, args):
@@ -171,6 +174,8 @@ def _compiled(plan: DecodePlan, args):
             fn = jax.jit(_without_caches(plan), in_shardings=jax.tree.map(lambda x: x.sharding, args),
                          out_shardings=NamedSharding(plan.mesh, P()))
         exe = fn.lower(*args).compile()
+        if len(_COMPILED) >= _MAX_COMPILED:
+            del _COMPILED[next(iter(_COMPILED))]
         _COMPILED[key] = (exe, time.perf_counter() - t0)
         return exe, _COMPILED[key][1]
     return _COMPILED[key][0], 0.0
@@ -195,15 +200,24 @@ def make_plan(model: Model, *, prompt_len: int, max_new_tokens: int = 64, method
         raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0 (got {temperature}, {top_p}, {top_k})")
     cfg = model.config
     if method == "ngram":
-        tree = DraftTree(ngram=DEFAULT_NGRAM) if tree is None else _as_tree(tree)
+        tree = DraftTree(ngram=DEFAULT_NGRAM, ngram_min=2) if tree is None else _as_tree(tree)
         if tree.paths or tree.ngram < 1:
             raise ValueError(f"method 'ngram' takes a tree of n-gram drafts only (e.g. 'ngram=4'), got {tree.describe()!r}")
     elif method == "pass" and variant == "tree":
-        tree = DEFAULT_TREE if tree is None else _as_tree(tree)
+        if tree is None:  # the default, cut to the look-ahead positions there are
+            tree = dataclasses.replace(DEFAULT_TREE, paths=tuple(p for p in DEFAULT_TREE.paths if len(p) <= check_k(k)))
+        tree = _as_tree(tree)
         if tree.la_depth > check_k(k):
             raise ValueError(f"tree {tree.describe()!r} drafts {tree.la_depth} look-ahead positions deep, but k={k}")
-    else:
-        tree = None
+        if not tree.paths:
+            raise ValueError(f"tree {tree.describe()!r} has no look-ahead candidates: use method 'ngram' for n-gram "
+                             "drafts alone")
+        if tree.num_blocks(k) == 0:
+            raise ValueError(f"tree {tree.describe()!r} has look-ahead candidates but no look-ahead block to draft "
+                             "them (blocks=0): use blocks >= 1")
+    elif tree is not None:
+        raise ValueError(f"tree= applies to method 'ngram' and PaSS variant 'tree', not to method {method!r}"
+                         + (f" variant {variant!r}" if method == "pass" else ""))
     if method == "pass":
         k = check_k(k)
         lookahead = untrained_lookahead(model, k) if lookahead is None else jnp.asarray(lookahead, jnp.float32)

@@ -11,7 +11,8 @@ accepted; two-model speculative = a draft model's k proposals, then a validation
 Tree methods use `_tree_round` instead: [pending token, candidate nodes, a look-ahead block per
 node] in one pass, candidates from the look-ahead outputs (top-c per position) and from context
 n-grams; the accepted path is moved to the front of the cache block, and the block of the deepest
-accepted node that has one drafts the next round, so there are no draft-less rounds. "ngram" is
+accepted node that has one drafts the next round, so with a block on every node there are no
+draft-less rounds (with fewer blocks, a path that runs k or more tokens past its block has none). "ngram" is
 the same round with n-gram candidates only (prompt lookup) and no look-ahead.
 """
 

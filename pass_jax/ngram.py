@@ -30,7 +30,7 @@ def prompt_lookup(history, length, max_ngram: int, m: int):
     matched = jnp.zeros((b,), jnp.int32)  # length of the suffix that matched
     for n in range(max_ngram, 0, -1):  # longest suffix first
         suffix = jnp.take_along_axis(history, jnp.clip(length[:, None] - n + jnp.arange(n)[None], 0, h - 1), 1)
-        match = (j + n < length[:, None]) & (length[:, None] > n)  # an earlier occurrence with a follower
+        match = j + n < length[:, None]  # an earlier occurrence, followed by a known token
         for t in range(n):
             shifted = jnp.pad(history[:, t:], ((0, 0), (0, t)), constant_values=-1)
             match &= shifted == suffix[:, t:t + 1]

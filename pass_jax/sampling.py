@@ -29,7 +29,7 @@ class Sampler:
         logits = logits.astype(jnp.float32) / self.temperature
         top = None
         if self.top_k and self.top_k < logits.shape[-1]:
-            top = top_k_values(logits, self.top_k)
+            top = top_k(logits, self.top_k)[0]
             logits = jnp.where(logits < top[..., -1:], -jnp.inf, logits)
         probs = jax.nn.softmax(logits, axis=-1)
         if self.top_p < 1.0:
@@ -61,10 +61,6 @@ def top_k(x: jax.Array, k: int, chunk: int = 32) -> tuple[jax.Array, jax.Array]:
     best = jnp.sort(jax.lax.top_k(xc.max(-1), k)[1], axis=-1)  # chunk order keeps lax.top_k's tie order
     values, pos = jax.lax.top_k(jnp.take_along_axis(xc, best[..., None], -2).reshape(x.shape[:-1] + (-1,)), k)
     return values, jnp.take_along_axis(best, pos // chunk, -1) * chunk + pos % chunk
-
-
-def top_k_values(x: jax.Array, k: int) -> jax.Array:
-    return top_k(x, k)[0]
 
 
 # the three keys of one (row, output position): draw a draft, accept or reject it, emit the token

@@ -51,6 +51,9 @@ def main(model_dir: str) -> None:
     # compiling dominates the time: every greedy case on every mesh, the default method sampled on one
     cases = {name: (kw, MESHES) for name, kw in GREEDY.items()}
     cases["pass_tree_sampled"] = ({**GREEDY["pass_tree"], **SAMPLED}, [(2, 4)])
+    cases["pass_paper"] = ({"method": "pass", "variant": "paper", "k": 2}, [(2, 4)])  # the other methods: one mesh
+    cases["ngram"] = ({"method": "ngram", "tree": "ngram=3;ngram_min=2"}, [(2, 4)])
+    cases["ar_sampled"] = (SAMPLED, [(2, 4)])
     reads = []
     real_read = hf.SliceReader.read
 

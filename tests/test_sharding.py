@@ -63,7 +63,8 @@ def _assert_same_or_near_tie(worker, one, other, mesh):
     assert all(g < NEAR_TIE for g in gaps), f"mesh {mesh}: divergence away from a float32 near-tie: gaps {gaps}"
 
 
-@pytest.mark.parametrize("case", ["ar", "pass_tree", "pass_fused", "pass_tree_sampled"])
+@pytest.mark.parametrize("case", ["ar", "pass_tree", "pass_fused", "pass_tree_sampled", "pass_paper", "ngram",
+                                  "ar_sampled"])
 def test_meshes_give_the_one_device_tokens(worker, case):
     runs = dict(worker["cases"][case])
     one = runs.pop("one_device")

@@ -19,7 +19,7 @@ from pass_jax.tree import DraftTree
 from .conftest import tiny_model
 from .test_pass_greedy import PROMPTS, _constant_model, _eos_inside_budget
 
-TREES = ["3,2,1;ngram=3", "2,2;ngram=0", "3,1;ngram=4;blocks=2;ngram_min=2", "1,1,1", "4;ngram=2;blocks=0"]
+TREES = ["3,2,1;ngram=3", "2,2;ngram=0", "3,1;ngram=4;blocks=2;ngram_min=2", "1,1,1", "4;ngram=2;blocks=1"]
 REPETITIVE = [[1, 2, 3, 4, 1, 2, 3, 4, 1, 2], [5, 6, 5, 6, 5], [3]]
 
 
@@ -101,9 +101,9 @@ def test_greedy_ngram_equals_autoregressive_and_accepts_on_repetitive_prompts(sm
     vocab=st.integers(3, 30),
     kv_heads=st.sampled_from([1, 2, 4]),
     k=st.integers(1, 4),
-    widths=st.lists(st.integers(1, 3), min_size=0, max_size=4),
+    widths=st.lists(st.integers(1, 3), min_size=1, max_size=4),
     ngram=st.integers(0, 4),
-    blocks=st.one_of(st.none(), st.integers(0, 6)),
+    blocks=st.one_of(st.none(), st.integers(1, 6)),
     ngram_min=st.integers(1, 3),
     seed=st.integers(0, 2**16),
     prompts=st.lists(st.lists(st.integers(0, 2), min_size=1, max_size=12), min_size=1, max_size=3),
@@ -133,7 +133,7 @@ def test_perfect_drafts_fill_the_tree_every_round(tree):
 
 
 def _ar_cache_keys(m, tokens, n):
-    """Layer-0 keys autoregressive decoding holds for the first n tokens of `tokens` (a full causal pass)."""
+    """Layer-0 keys of the first n tokens of `tokens`, from one causal pass."""
     ids = jnp.asarray([tokens[:n]])
     _, cache = forward(m.params, m.config, embed_tokens(m.params, ids), jnp.arange(n)[None],
                        causal_block_mask(jnp.ones((1, n), bool)), KVCache.create(m.config, 1, n))
@@ -152,6 +152,8 @@ def test_compacted_cache_equals_autoregressive_cache_after_every_round(small_voc
     inp = Inputs(m.params, la, padded, lens, jnp.zeros((2, 2), jnp.uint32))
     state = jax.jit(functools.partial(_prefill, plan))(inp)
     step = jax.jit(functools.partial(_tree_method_round, plan))
+    # a causal pass over the whole autoregressive sequence: its first n keys are what decoding holds after n
+    ar_keys = [_ar_cache_keys(m, p + a, len(p) + len(a)) for p, a in zip(prompts, ar)]
     branched = 0
     while not bool(state.done.all()):
         before = np.asarray(state.out_len)
@@ -160,9 +162,8 @@ def test_compacted_cache_equals_autoregressive_cache_after_every_round(small_voc
         np.testing.assert_array_equal(lengths, np.asarray(lens) + out_len - 1)
         for row in range(2):
             assert np.asarray(state.out)[row, :out_len[row]].tolist() == ar[row][:out_len[row]]
-            seq = prompts[row] + ar[row]
             np.testing.assert_allclose(np.asarray(state.cache.keys[0][row, :lengths[row]]),
-                                       _ar_cache_keys(m, seq, lengths[row]), atol=2e-5)
+                                       ar_keys[row][:lengths[row]], atol=2e-5)
             branched += out_len[row] - before[row] > 1
     assert branched >= 3, "the test should see rounds that accepted drafts"
 
@@ -218,3 +219,22 @@ def test_decode_fn_composes_with_a_users_jit(small_vocab_model):
     tokens, lengths, _ = pipeline(m.params, la, jnp.asarray(prompts), jax.random.key(0))
     want = pj.generate(m, prompts, max_new_tokens=12, method="pass", k=2, tree="2;ngram=3", eos_token_id=())
     assert np.asarray(tokens).tolist() == want.token_ids and np.asarray(lengths).tolist() == [12, 12]
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"method": "pass", "tree": "ngram=4"}, "no look-ahead candidates: use method 'ngram'"),
+    ({"method": "pass", "tree": "2;blocks=0"}, "no look-ahead block"),
+    ({"method": "pass", "variant": "fused", "tree": "2"}, "tree= applies to"),
+    ({"method": "ar", "tree": "ngram=2"}, "tree= applies to"),
+    ({"method": "ngram", "tree": "2;ngram=2"}, "n-gram drafts only"),
+    ({"method": "pass", "k": 1, "tree": "2,1"}, "2 look-ahead positions deep, but k=1"),
+])
+def test_tree_arguments_that_cannot_work_are_clear_errors(small_vocab_model, kw, match):
+    with pytest.raises(ValueError, match=match):
+        pj.generate(small_vocab_model, [[1, 2]], max_new_tokens=4, **kw)
+
+
+def test_default_tree_fits_any_k(small_vocab_model):
+    ar = pj.generate(small_vocab_model, PROMPTS, max_new_tokens=12, eos_token_id=())
+    assert pj.generate(small_vocab_model, PROMPTS, max_new_tokens=12, eos_token_id=(), method="pass",
+                       k=1).token_ids == ar.token_ids
