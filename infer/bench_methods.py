@@ -150,6 +150,8 @@ def plot(result: dict, path: str) -> None:
         ax.set_title(f"batch {batch}, {sampling}", fontsize=9)
     axes[0][0].set_ylabel("speed-up over the fastest autoregressive run")
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"{result['model'].rstrip('/').split('/')[-1]}: {result['prompts'].split('/')[-1]}", fontsize=10)
+    parts = result["model"].rstrip("/").split("/")
+    name = parts[-2] if parts[-1] == "hf" and len(parts) > 1 else parts[-1]  # ~/.cache/pass-jax/smollm2/hf
+    fig.suptitle(f"{name}: {result['prompts'].split('/')[-1]}, {result['n_prompts']} prompts", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
