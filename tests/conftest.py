@@ -117,6 +117,22 @@ def tiny_model(vocab=32, hidden=32, layers=1, heads=2, kv_heads=1, seed=0, scale
     return Model(cfg, init_params(cfg, jax.random.key(seed), scale=scale))
 
 
+def prefill_for_rounds(plan, params, lookahead, prompts):
+    """(Inputs, state after the jitted prefill) for driving a decode loop round by round in a test:
+    prompts padded to 16, zero row keys (greedy)."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    from pass_jax.decode import Inputs, _prefill
+
+    padded = jnp.asarray([p + [0] * (16 - len(p)) for p in prompts])
+    inp = Inputs(params, lookahead, padded, jnp.asarray([len(p) for p in prompts]), jnp.zeros((len(prompts), 2),
+                                                                                             jnp.uint32))
+    return inp, jax.jit(functools.partial(_prefill, plan))(inp)
+
+
 def run_and_kill_after_checkpoint(cmd, checkpoint: os.PathLike, final_marker: os.PathLike, env=None, cwd=None):
     """Start a training command, SIGKILL it once `checkpoint` exists, and check it had not finished."""
     import signal

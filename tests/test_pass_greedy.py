@@ -10,9 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pass_jax as pj
-from pass_jax.decode import DecodePlan, DecodeSpec, Inputs, _prefill, _round
+from pass_jax.decode import DecodePlan, DecodeSpec, _round
 
-from .conftest import tiny_model
+from .conftest import prefill_for_rounds, tiny_model
 
 PROMPTS = [[1, 2, 3], [4, 5, 6, 0, 1, 2, 3, 4, 5, 6, 1], [2], [6, 6, 6, 6, 6, 1]]
 
@@ -87,10 +87,8 @@ def test_cache_lengths_after_every_round(small_vocab_model):
     spec = DecodeSpec("pass", k, "fused", pj.Sampler(), 30, ())
     plan = DecodePlan(m.config, spec, max_len=64)
     la = pj.init_lookahead(m.params, k, "random", key=jax.random.key(0))
-    padded = jnp.asarray([p + [0] * (16 - len(p)) for p in prompts])
-    lens = jnp.asarray([len(p) for p in prompts])
-    inp = Inputs(m.params, la, padded, lens, jnp.zeros((2, 2), jnp.uint32))
-    state = jax.jit(functools.partial(_prefill, plan))(inp)
+    inp, state = prefill_for_rounds(plan, m.params, la, prompts)
+    lens = inp.prompt_lens
     rounds = {flags: jax.jit(functools.partial(_round, plan, use_drafts=flags[0], use_la=flags[1]))
               for flags in [(True, True), (False, True)]}
     seen_partial = False

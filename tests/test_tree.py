@@ -11,12 +11,12 @@ from hypothesis import strategies as st
 
 import pass_jax as pj
 from pass_jax.cache import KVCache
-from pass_jax.decode import DecodePlan, DecodeSpec, Inputs, _prefill, _tree_method_round
+from pass_jax.decode import DecodePlan, DecodeSpec, _tree_method_round
 from pass_jax.model import causal_block_mask, embed_tokens, forward
 from pass_jax.ngram import prompt_lookup, row_history
 from pass_jax.tree import DraftTree
 
-from .conftest import tiny_model
+from .conftest import prefill_for_rounds, tiny_model
 from .test_pass_greedy import PROMPTS, _constant_model, _eos_inside_budget
 
 TREES = ["3,2,1;ngram=3", "2,2;ngram=0", "3,1;ngram=4;blocks=2;ngram_min=2", "1,1,1", "4;ngram=2;blocks=1"]
@@ -147,10 +147,8 @@ def test_compacted_cache_equals_autoregressive_cache_after_every_round(small_voc
     spec = DecodeSpec("pass", k, "tree", pj.Sampler(), 30, (), DraftTree.parse("3,2;ngram=3;ngram_min=2"))
     plan = DecodePlan(m.config, spec, max_len=96)
     la = pj.init_lookahead(m.params, k, "random", key=jax.random.key(0))
-    padded = jnp.asarray([p + [0] * (16 - len(p)) for p in prompts])
-    lens = jnp.asarray([len(p) for p in prompts])
-    inp = Inputs(m.params, la, padded, lens, jnp.zeros((2, 2), jnp.uint32))
-    state = jax.jit(functools.partial(_prefill, plan))(inp)
+    inp, state = prefill_for_rounds(plan, m.params, la, prompts)
+    lens = inp.prompt_lens
     step = jax.jit(functools.partial(_tree_method_round, plan))
     # a causal pass over the whole autoregressive sequence: its first n keys are what decoding holds after n
     ar_keys = [_ar_cache_keys(m, p + a, len(p) + len(a)) for p, a in zip(prompts, ar)]
