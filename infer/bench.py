@@ -9,6 +9,9 @@ Suites (each writes JSON to --out and prints a table):
             wall time per token, the loop's overhead.
   methods   with --model: autoregressive, ngram, PaSS chain (paper, fused), tree and tree + ngram on
             real prompts, per dtype, batch size and sampling setting (infer/bench_methods.py).
+  speed     --model M (or --models presets), per --dtypes: batch-1 autoregressive ms/token beside transformers
+            and the weight-streaming floor ("rows"), and the cost of a pass over T = 1..64 tokens with a
+            warm cache of 256 as a ratio to the fastest 1-token pass of any dtype ("passes").
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import sys
 import tempfile
 import time
@@ -30,15 +34,16 @@ PRESETS = files("infer") / "data" / "models.yaml"  # package data: found from an
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmark decoding on random LLaMA configs", description=__doc__,
                        formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
-    p.add_argument("--suite", choices=["decode", "passes", "overhead", "methods"], default="decode",
-                   help="methods: every decoding method on --model's prompts (see its options below)")
+    p.add_argument("--suite", choices=["decode", "passes", "overhead", "methods", "speed"], default="decode",
+                   help="methods: every decoding method on --model's prompts (see its options below); speed: "
+                   "batch-1 decoding against its floor and pass cost by T, per --dtypes, on --model or --models")
     p.add_argument("--method", choices=["ar"], default="ar", help="decode suite: the method measured (ar)")
     p.add_argument("--models", default=None, help="comma-separated presets from infer/data/models.yaml, e.g. "
-                   "35m,120m or tiny (default per suite: decode 7m,35m,120m; passes 35m,120m; overhead 12m,35m,120m)")
+                   "35m,120m or tiny (default per suite: decode 7m,35m,120m; passes 35m,120m; overhead 12m,35m,120m; speed 120m)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="parameter dtype")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per timed run (default 64)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement; the median is kept (model and methods suites: the fastest)")
-    p.add_argument("--no-torch", action="store_true", help="decode suite: skip the PyTorch reference")
+    p.add_argument("--no-torch", action="store_true", help="decode and speed suites: skip the PyTorch reference")
     p.add_argument("--out", help="write the JSON results here")
     p.add_argument("--mesh", default=None, help="DATA,MODEL device mesh for the decode and methods suites, e.g. 2,4 "
                    "(batches rounded up to multiples of DATA; pass_jax/sharding.py). Default: one device")
@@ -114,9 +119,25 @@ def _torch_ms_per_token(model, prompts, new_tokens: int, repeats: int) -> float:
     return _median_time(run, repeats) / new_tokens * 1e3
 
 
-def suite_decode(args, names):
+def _floor_ms(model, rate: float) -> float:
+    """The weight-streaming floor of a 1-token step: every weight read once at the params' dtype, except
+    an untied input embedding (a gather reads one row of it; a tied one is read whole by the head)."""
+    cfg = model.config
+    n = cfg.num_params - (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size)
+    return n * np.dtype(model.dtype).itemsize / rate * 1e3
+
+
+def _ar_ms_per_token(model, prompts, args, mesh=None) -> tuple[float, float]:
+    """(median ms/token of --repeats greedy runs of --new-tokens after a warm-up, its compile seconds)."""
     from pass_jax import generate
 
+    kw = {"max_new_tokens": args.new_tokens, "eos_token_id": (), "mesh": mesh}
+    first = generate(model, prompts, **kw)
+    secs = np.median([generate(model, prompts, **kw).stats["seconds"] for _ in range(args.repeats)])
+    return secs / args.new_tokens * 1e3, first.stats["compile_seconds"]
+
+
+def suite_decode(args, names):
     rows, rate = [], stream_rate()
     mesh, data = args.mesh, args.mesh.shape["data"] if args.mesh else 1
     for name in names:
@@ -127,18 +148,14 @@ def suite_decode(args, names):
             model.params = shard_params(model.params, model.config, mesh)
         for batch in sorted({-(-b // data) * data for b in (1, 8)}):
             prompts = _prompts(batch, model.config.vocab_size)
-            first = generate(model, prompts, max_new_tokens=args.new_tokens, eos_token_id=(), mesh=mesh)
-            secs = np.median([generate(model, prompts, max_new_tokens=args.new_tokens, eos_token_id=(),
-                                       mesh=mesh).stats["seconds"]
-                              for _ in range(args.repeats)])
+            ms, compile_s = _ar_ms_per_token(model, prompts, args, mesh)
             row = {"model": name, "params_m": model.config.num_params / 1e6, "batch": batch,
-                   "jax_ms_per_token": secs / args.new_tokens * 1e3, "compile_seconds": first.stats["compile_seconds"]}
+                   "jax_ms_per_token": ms, "compile_seconds": compile_s}
             if not args.no_torch:
                 row["torch_ms_per_token"] = _torch_ms_per_token(model, prompts, args.new_tokens, args.repeats)
                 row["speedup_vs_torch"] = row["torch_ms_per_token"] / row["jax_ms_per_token"]
             if batch == 1 and args.dtype == "float32":  # bf16 products are not bound by streaming
-                weight_bytes = model.config.num_params * np.dtype(model.dtype).itemsize
-                row["floor_ms"] = weight_bytes / rate * 1e3
+                row["floor_ms"] = _floor_ms(model, rate)
                 row["ratio_to_floor"] = row["jax_ms_per_token"] / row["floor_ms"]
             rows.append(row)
             _log(row)
@@ -171,14 +188,18 @@ def _pass_cost_fn(model, t: int, batch: int, context: int, iters: int):
     return lambda: loop(model.params, cache).block_until_ready()
 
 
+def _pass_ms(model, t: int, repeats: int, iters: int = 16) -> float:
+    """Median ms of one forward pass over t new tokens at batch 1 with a warm cache of 256."""
+    return _median_time(_pass_cost_fn(model, t, 1, 256, iters), repeats) / iters * 1e3
+
+
 def suite_passes(args, names):
     rows = []
     for name in names:
         model = random_model(name, args.dtype)
         base = None
         for t in (1, 2, 4, 6, 8, 12, 16):
-            iters = 16
-            ms = _median_time(_pass_cost_fn(model, t, 1, 256, iters), args.repeats) / iters * 1e3
+            ms = _pass_ms(model, t, args.repeats)
             base = base or ms
             row = {"model": name, "tokens": t, "ms_per_pass": ms, "ratio_to_1_token": ms / base}
             rows.append(row)
@@ -212,9 +233,52 @@ def suite_overhead(args, names):
     return {"rows": rows}
 
 
+SPEED_TOKENS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def suite_speed(args, names):
+    from functools import partial
+
+    from pass_jax import load_model
+
+    from .options import with_demo_defaults
+
+    if args.model:
+        path = with_demo_defaults(args.model, None)[0]
+        loaders = [(args.model, lambda dtype: load_model(path, dtype=dtype))]
+    else:
+        loaders = [(name, partial(random_model, name)) for name in names]
+    rows, passes, rate = [], [], stream_rate()
+    for name, load in loaders:
+        for dtype in args.dtypes.split(","):
+            model = load(dtype)
+            prompts = _prompts(1, model.config.vocab_size)
+            ms, compile_s = _ar_ms_per_token(model, prompts, args)
+            row = {"model": name, "dtype": dtype, "params_m": model.config.num_params / 1e6,
+                   "jax_ms_per_token": ms, "compile_seconds": compile_s}
+            if not args.no_torch:
+                row["torch_ms_per_token"] = _torch_ms_per_token(model, prompts, args.new_tokens, args.repeats)
+                row["speedup_vs_torch"] = row["torch_ms_per_token"] / ms
+            row["floor_ms"] = _floor_ms(model, rate)
+            row["ratio_to_floor"] = ms / row["floor_ms"]
+            rows.append(row)
+            _log(row)
+            for t in SPEED_TOKENS:
+                passes.append({"model": name, "dtype": dtype, "tokens": t, "ms_per_pass": _pass_ms(model, t, args.repeats)})
+                _log(passes[-1])
+        fastest = min(r["ms_per_pass"] for r in passes if r["model"] == name and r["tokens"] == 1)
+        for r in passes:  # the goal: a 16-token pass within 1.3x of the fastest 1-token pass, any dtype
+            if r["model"] == name:
+                r["ratio_to_fastest_1_token"] = r["ms_per_pass"] / fastest
+    # "dtype" replaces the header's --dtype: every row names its own
+    return {"dtype": args.dtypes, "stream_rate_gb_s": rate / 1e9, "context": 256, "batch": 1, "rows": rows,
+            "passes": passes}
+
+
 SUITES = {"decode": (suite_decode, "llama-7m,llama-35m,llama-120m"),
           "passes": (suite_passes, "llama-35m,llama-120m"),
-          "overhead": (suite_overhead, "llama-12m,llama-35m,llama-120m")}
+          "overhead": (suite_overhead, "llama-12m,llama-35m,llama-120m"),
+          "speed": (suite_speed, "llama-120m")}
 
 
 def _log(row: dict) -> None:
@@ -232,7 +296,7 @@ def run(args) -> int:
         from .bench_methods import run_methods_bench
 
         fn, default = (lambda a, _names: run_methods_bench(a)), ""
-    elif args.model:
+    elif args.model and args.suite != "speed":
         from .bench_model import run_model_bench
 
         fn, default = (lambda a, _names: run_model_bench(a)), ""
@@ -242,8 +306,9 @@ def run(args) -> int:
     unknown = [n for n in names if n not in presets()]
     if unknown:
         raise ValueError(f"unknown model presets {unknown}; known: {', '.join(presets())}")
-    result = {"suite": "model" if args.model and args.suite != "methods" else args.suite, "dtype": args.dtype, "new_tokens": args.new_tokens, "repeats": args.repeats,
-              "command": "python -m infer " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("__main__.py") else None,
+    result = {"suite": "model" if args.model and args.suite not in ("methods", "speed") else args.suite,
+              "dtype": args.dtype, "new_tokens": args.new_tokens, "repeats": args.repeats,
+              "command": "python -m infer " + shlex.join(sys.argv[1:]) if sys.argv[0].endswith("__main__.py") else None,
               "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "jax": jax.__version__,
                           "device": str(jax.devices()[0]), "mesh": mesh_arg},
               **fn(args, names)}

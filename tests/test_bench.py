@@ -57,3 +57,24 @@ def test_humaneval_pass_and_ar_completions_are_identical(tmp_path, capsys):
     assert code == 0 and res["identical_to_ar"] is True and "pass@1" in res["pass"] and res["speedup"] > 0
     lines = (tmp_path / "completions_pass.jsonl").read_text().splitlines()
     assert [json.loads(x)["task_id"] for x in lines] == ["HumanEval/0", "HumanEval/1"]
+
+
+def test_speed_suite_measures_every_dtype_and_pass_width(tmp_path, capsys):
+    from infer.bench import SPEED_TOKENS
+
+    from .conftest import build_hf_model
+
+    build_hf_model("llama", vocab_size=97).save_pretrained(tmp_path / "m")
+    assert main(["bench", "--suite", "speed", "--model", str(tmp_path / "m"), "--new-tokens", "4", "--repeats", "1",
+                 "--no-torch", "--out", str(tmp_path / "s.json")]) == 0
+    res = json.loads((tmp_path / "s.json").read_text())
+    assert res["suite"] == "speed" and res["dtype"] == "float32,bfloat16" and res["stream_rate_gb_s"] > 0
+    assert [r["dtype"] for r in res["rows"]] == ["float32", "bfloat16"]
+    for r in res["rows"]:
+        assert r["jax_ms_per_token"] > 0 and r["floor_ms"] > 0 and r["ratio_to_floor"] > 0
+    assert res["rows"][1]["floor_ms"] < res["rows"][0]["floor_ms"]  # half the bytes streamed
+    assert sorted((p["dtype"], p["tokens"]) for p in res["passes"]) == sorted(
+        (d, t) for d in ("float32", "bfloat16") for t in SPEED_TOKENS)
+    assert all(p["ms_per_pass"] > 0 for p in res["passes"])
+    assert min(p["ratio_to_fastest_1_token"] for p in res["passes"] if p["tokens"] == 1) == 1.0
+    capsys.readouterr()
