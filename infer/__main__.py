@@ -23,6 +23,7 @@ def _ids(text: str) -> list[int]:
 
 
 def _generate_parser(sub) -> None:
+    from .options import LOOKAHEAD_HELP
     p = sub.add_parser("generate", help="generate text with autoregressive decoding or PaSS",
                        description="Generate continuations of one or more prompts. With --json, stdout is one JSON "
                                    "object (method, k, texts, token_ids, stats); logs go to stderr.")
@@ -36,8 +37,7 @@ def _generate_parser(sub) -> None:
     p.add_argument("--k", type=int, default=None,
                    help="look-ahead tokens per pass, 1..16 (default: the look-ahead checkpoint's k, else 4)")
     p.add_argument("--lookahead", default=None,
-                   help="look-ahead checkpoint directory, or 'untrained' (copies of an UNK-like embedding); "
-                        "default: the demo model's trained embeddings with the demo model, else untrained")
+                   help=LOOKAHEAD_HELP)
     p.add_argument("--variant", choices=["tree", "fused", "paper"], default="tree",
                    help="tree: a tree of look-ahead and n-gram candidates verified in one pass per round "
                         "(default); fused: the paper's chain, drafts ride along in the verification pass; "

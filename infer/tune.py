@@ -29,11 +29,12 @@ def add_parser(sub) -> None:
     import argparse
 
     from .bench_model import DEFAULT_PROMPTS
+    from .options import LOOKAHEAD_HELP
 
     p = sub.add_parser("tune", help="choose the draft tree by measuring acceptance and pass cost here",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="model directory or .gguf file (default: the embedded demo model)")
-    p.add_argument("--lookahead", help="look-ahead checkpoint or 'untrained' (default: the demo's, else untrained)")
+    p.add_argument("--lookahead", help=LOOKAHEAD_HELP)
     p.add_argument("--k", type=int, default=None, help="look-ahead count (default: the checkpoint's, else 4)")
     p.add_argument("--prompts", default=str(DEFAULT_PROMPTS), help="held-back prompts: JSONL with a 'prompt' "
                    "field or a text file of prompts separated by blank lines")

@@ -15,6 +15,36 @@ from .lookahead import check_k
 from .sharding import host_array
 
 METADATA = "lookahead.json"
+SHIPPED = Path(__file__).resolve().parent / "lookaheads"  # trained look-aheads of known models (package data)
+
+
+class OtherWeightsWarning(UserWarning):
+    """A look-ahead trained on other weights of the same architecture (e.g. bf16 hub weights vs a
+    dequantized GGUF): decoding stays lossless, only acceptance may be lower."""
+
+
+def architecture(config) -> dict:
+    """What a look-ahead's shape and meaning depend on: the same for every quantization of one model."""
+    c = config
+    return {"architecture": c.architecture, "vocab_size": c.vocab_size, "hidden_size": c.hidden_size,
+            "num_layers": c.num_layers, "num_heads": c.num_heads, "num_kv_heads": c.num_kv_heads,
+            "head_dim": c.head_dim, "intermediate_size": c.intermediate_size}
+
+
+def shipped_lookaheads() -> dict[str, Path]:
+    """Name -> directory of every look-ahead shipped with the package."""
+    if not SHIPPED.is_dir():
+        return {}
+    return {d.name: d for d in sorted(SHIPPED.iterdir()) if (d / METADATA).is_file()}
+
+
+def find_lookahead(model) -> Path | None:
+    """The shipped look-ahead trained on exactly this model's weights, if there is one."""
+    fingerprint = model_fingerprint(model)
+    for path in shipped_lookaheads().values():
+        if json.loads((path / METADATA).read_text()).get("base_model_fingerprint") == fingerprint:
+            return path
+    return None
 
 
 def model_fingerprint(model) -> str:
@@ -38,7 +68,8 @@ def save_lookahead(path: str | os.PathLike, lookahead, model, extra: dict | None
     with ocp.StandardCheckpointer() as ckpt:
         ckpt.save(path / "state", {"lookahead": la}, force=True)
     meta = {"k": int(la.shape[0]), "d_model": int(la.shape[1]), "vocab_size": model.config.vocab_size,
-            "base_model_fingerprint": model_fingerprint(model), "base_model_path": model.path, **(extra or {})}
+            "base_model_fingerprint": model_fingerprint(model), "base_model_path": model.path,
+            "base_model_architecture": architecture(model.config), **(extra or {})}
     import jax
 
     if jax.process_index() == 0:  # every process joins the orbax save; one writes the metadata
@@ -67,9 +98,21 @@ def load_lookahead(path: str | os.PathLike, model, k: int | None = None):
         raise ConfigError(f"look-ahead checkpoint {str(path)!r} was trained for a model with d_model={meta.get('d_model')}"
                           f", vocab={meta.get('vocab_size')}; this model has d_model={model.config.hidden_size}, "
                           f"vocab={model.config.vocab_size}")
+    arch = meta.get("base_model_architecture")
+    if arch is not None and arch != architecture(model.config):
+        diff = ", ".join(f"{key} {arch.get(key)} != {value}" for key, value in architecture(model.config).items()
+                         if arch.get(key) != value)
+        raise ConfigError(f"look-ahead checkpoint {str(path)!r} was trained for another base model architecture "
+                          f"({diff})")
     if meta.get("base_model_fingerprint") != model_fingerprint(model):
-        raise ConfigError(f"look-ahead checkpoint {str(path)!r} was trained for another base model "
-                          f"(fingerprint {meta.get('base_model_fingerprint')} != {model_fingerprint(model)})")
+        if arch is None:  # no architecture recorded: the fingerprint is all we can go by
+            raise ConfigError(f"look-ahead checkpoint {str(path)!r} was trained for another base model "
+                              f"(fingerprint {meta.get('base_model_fingerprint')} != {model_fingerprint(model)})")
+        import warnings
+
+        warnings.warn(f"look-ahead checkpoint {path.name!r} was trained on other weights of this architecture "
+                      f"({meta.get('base_model_path')}); decoding stays exact, acceptance may be lower",
+                      OtherWeightsWarning, stacklevel=2)
     try:
         with ocp.StandardCheckpointer() as ckpt:
             la = ckpt.restore(path / "state")["lookahead"]

@@ -67,15 +67,17 @@ def _attention(q, keys, values, mask, cfg: ModelConfig):
 
 
 def forward(params: Params, cfg: ModelConfig, embeds: jax.Array, positions: jax.Array,
-            block_mask: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+            block_mask: jax.Array, cache: KVCache, visible: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
     """Run a block of T new inputs through the decoder.
 
     embeds [B, T, D] (token embeddings or look-ahead vectors), positions [B, T] RoPE positions,
     block_mask [B, T, T] which block entries each query sees (on top of every committed entry).
     The block's keys/values are written at each row's cache length but not committed.
+    visible [B, T, max_len], when given, replaces that rule (training: a look-ahead block sees the
+    real tokens only up to its insertion point).
     Returns the final-normed hidden states [B, T, D] and the cache with the block written.
     """
-    mask = attention_mask(cache.lengths, block_mask, cache.max_len)
+    mask = attention_mask(cache.lengths, block_mask, cache.max_len) if visible is None else visible
     if cfg.sliding_window is not None:
         kpos = key_positions(cache.lengths, positions, cache.max_len)
         mask &= (positions[:, :, None] - kpos[:, None, :]) < cfg.sliding_window

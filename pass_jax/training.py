@@ -58,12 +58,20 @@ class TrainLayout:
         return positions.astype(np.int32), mask, (t + 1 + i).astype(np.int32)
 
 
-def lookahead_loss(lookahead, params, cfg: ModelConfig, tokens, layout: TrainLayout, loss: str = "distill"):
+def lookahead_loss(lookahead, params, cfg: ModelConfig, tokens, layout: TrainLayout, loss: str = "ce",
+                   decay: float = 1.0, target_mask=None):
     """Mean loss of the look-ahead predictions over a batch of token sequences [B, L].
 
-    "ce": cross-entropy against the true future tokens; "distill": KL from the base model's own
-    next-token distribution at each future position (what the verifier accepts against) to the
-    look-ahead's, computed from the real tokens' outputs in the same pass.
+    "ce": cross-entropy against the future tokens (on the model's own greedy continuations these are
+    exactly what greedy verification accepts); "distill": KL from the base model's own next-token
+    distribution at each future position to the look-ahead's. Look-ahead i is weighted decay**(i-1)
+    (deep look-aheads are rarely reached); target_mask [B, L] drops targets that are not the model's
+    own tokens (prompts, padding after EOS).
+
+    Two passes: the real tokens run once with no gradient (nothing of theirs depends on the leaf: they
+    never attend to a look-ahead), leaving their keys/values in a cache; then only the look-ahead
+    blocks run through the decoder, attending to that cache, and only they are differentiated. The
+    backward pass is as long as the look-ahead blocks, not the sequence.
     """
     b, length = tokens.shape
     if loss not in LOSSES or length != layout.seq_len or lookahead.shape[0] != layout.k:
@@ -71,26 +79,37 @@ def lookahead_loss(lookahead, params, cfg: ModelConfig, tokens, layout: TrainLay
                          f"(got {loss!r}, {length}, {lookahead.shape[0]})")
     positions, mask, target_idx = (jnp.asarray(a) for a in layout.arrays())
     n = target_idx.shape[0]
-    embeds = jnp.concatenate([embed_tokens(params, tokens),
-                              jnp.broadcast_to(jnp.tile(lookahead, (n // layout.k, 1)), (b, n, lookahead.shape[1]))], 1)
-    t = embeds.shape[1]
-    hidden, _ = forward(params, cfg, embeds, jnp.broadcast_to(positions, (b, t)), jnp.broadcast_to(mask, (b, t, t)),
-                        KVCache.create(cfg, b, t, params["embed"].dtype))
-    student = jax.nn.log_softmax(logits_from_hidden(params, hidden[:, length:]), -1)  # [B, n, V]
+    params = jax.lax.stop_gradient(params)
+    cache = KVCache.create(cfg, b, length + n, params["embed"].dtype)
+    real_mask = jnp.broadcast_to(mask[:length, :length], (b, length, length))
+    hidden, cache = forward(params, cfg, embed_tokens(params, tokens), jnp.broadcast_to(positions[:length], (b, length)),
+                            real_mask, cache)
+    cache = jax.lax.stop_gradient(cache).commit(jnp.full((b,), length))
+    blocks = jnp.broadcast_to(jnp.tile(lookahead, (n // layout.k, 1)), (b, n, lookahead.shape[1]))
+    la_hidden, _ = forward(params, cfg, blocks, jnp.broadcast_to(positions[length:], (b, n)), None, cache,
+                           visible=jnp.broadcast_to(mask[length:], (b, n, length + n)))
+    student = jax.nn.log_softmax(logits_from_hidden(params, la_hidden), -1)  # [B, n, V]
     if loss == "ce":
-        return -jnp.mean(jnp.take_along_axis(student, tokens[:, target_idx][..., None], -1))
-    teacher = jax.nn.log_softmax(jax.lax.stop_gradient(logits_from_hidden(params, hidden[:, target_idx - 1])), -1)
-    return jnp.mean(jnp.sum(jnp.exp(teacher) * (teacher - student), -1))
+        per_target = -jnp.take_along_axis(student, tokens[:, target_idx][..., None], -1)[..., 0]
+    else:
+        teacher = jax.nn.log_softmax(jax.lax.stop_gradient(logits_from_hidden(params, hidden[:, target_idx - 1])), -1)
+        per_target = jnp.sum(jnp.exp(teacher) * (teacher - student), -1)
+    depth = jnp.tile(jnp.arange(layout.k), n // layout.k)
+    weight = jnp.broadcast_to(jnp.asarray(decay, jnp.float32) ** depth, (b, n))
+    if target_mask is not None:
+        weight = weight * target_mask[:, target_idx]
+    return jnp.sum(per_target * weight) / jnp.maximum(jnp.sum(weight), 1e-9)
 
 
-def make_train_step(cfg: ModelConfig, layout: TrainLayout, loss: str, tx, replicated=None):
-    """A jitted step(leaf, opt_state, params, tokens) -> (leaf, opt_state, loss) on the leaf only.
+def make_train_step(cfg: ModelConfig, layout: TrainLayout, loss: str, tx, replicated=None, decay: float = 1.0):
+    """A jitted step(leaf, opt_state, params, tokens, target_mask=None) -> (leaf, opt_state, loss) on the leaf only.
 
     `replicated` (a NamedSharding) keeps leaf and optimizer state replicated on a mesh, where GSPMD
     would otherwise split them like the base weights they meet.
     """
-    def step(lookahead, opt_state, params, tokens):
-        value, grad = jax.value_and_grad(lookahead_loss)(lookahead, params, cfg, tokens, layout, loss)
+    def step(lookahead, opt_state, params, tokens, target_mask=None):
+        value, grad = jax.value_and_grad(lookahead_loss)(lookahead, params, cfg, tokens, layout, loss, decay,
+                                                         target_mask)
         updates, opt_state = tx.update(grad, opt_state, lookahead)
         return optax.apply_updates(lookahead, updates), opt_state, value
 

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import pass_jax as pj
@@ -94,6 +95,27 @@ def test_lookahead_checkpoint_for_another_model_is_refused(hf_dirs, tmp_path):
     small = tiny_model(hidden=32)
     with pytest.raises(pj.ConfigError, match="d_model=64"):
         load_lookahead(tmp_path / "la", small)
+
+
+def test_other_weights_of_the_same_architecture_warn_and_shipped_lookaheads_are_found(tmp_path, monkeypatch):
+    """A look-ahead trained on other weights of the same architecture (bf16 hub weights vs a dequantized GGUF)
+    still loads, with a warning; a shipped one is used for the exact weights it was trained on, or by name."""
+    from infer.options import resolve_lookahead
+    from pass_jax import checkpoint
+
+    a, b = tiny_model(seed=1), tiny_model(seed=2)
+    la = pj.init_lookahead(a.params, 3, "random")
+    save_lookahead(tmp_path / "ship" / "tiny-a", la, a)
+    with pytest.warns(checkpoint.OtherWeightsWarning, match="other weights"):
+        np.testing.assert_array_equal(checkpoint.load_lookahead(tmp_path / "ship" / "tiny-a", b), la)
+    monkeypatch.setattr(checkpoint, "SHIPPED", tmp_path / "ship")
+    assert checkpoint.find_lookahead(a) == tmp_path / "ship" / "tiny-a" and checkpoint.find_lookahead(b) is None
+    got, k = resolve_lookahead("auto", a, None)
+    assert k == 3
+    np.testing.assert_array_equal(got, la)
+    assert resolve_lookahead("auto", b, None) == (None, 4)  # nothing trained for b: the untrained baseline
+    with pytest.warns(checkpoint.OtherWeightsWarning):
+        assert resolve_lookahead("tiny-a", b, 2)[1] == 2  # by name
 
 
 def test_corrupt_lookahead_checkpoint(hf_dirs, tmp_path):

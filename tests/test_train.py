@@ -67,6 +67,45 @@ def test_only_the_leaf_trains_and_the_loss_falls(loss):
     assert jax.tree.structure(grad) == jax.tree.structure(la)
 
 
+@pytest.mark.parametrize("loss", ["ce", "distill"])
+def test_two_pass_loss_and_gradient_equal_one_pass_over_everything(loss):
+    """Running the real tokens first (no gradient) and then only the blocks changes nothing but the cost; the
+    position weights and the target mask weigh exactly the targets they name."""
+    m = tiny_model(vocab=17, layers=2, heads=4, kv_heads=2, scale=0.5)
+    layout = TrainLayout(20, 3, 2)
+    la = pj.init_lookahead(m.params, 3, "random")
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(0, 17, (2, 20)))
+    target_mask = rng.random((2, 20)) < 0.6
+    got = float(lookahead_loss(la, m.params, m.config, tokens, layout, loss, 0.8, jnp.asarray(target_mask)))
+    assert got == pytest.approx(float(_one_pass_loss(la, m, tokens, layout, loss, 0.8, target_mask)), rel=1e-5)
+    uniform = float(lookahead_loss(la, m.params, m.config, tokens, layout, loss))
+    assert uniform == pytest.approx(float(_one_pass_loss(la, m, tokens, layout, loss, 1.0, np.ones((2, 20)))), rel=1e-5)
+    assert abs(got - uniform) > 1e-3  # the weights and the mask matter
+    grad = jax.grad(lookahead_loss)(la, m.params, m.config, tokens, layout, loss, 0.8, jnp.asarray(target_mask))
+    ref = jax.grad(_one_pass_loss)(la, m, tokens, layout, loss, 0.8, target_mask)
+    np.testing.assert_allclose(grad, ref, rtol=1e-4, atol=1e-5)
+
+
+def _one_pass_loss(la, m, tokens, layout, loss, decay, target_mask):
+    """The loss as one pass over [real tokens, every block]: what training computed before the two-pass split."""
+    positions, mask, target_idx = layout.arrays()
+    b, n = tokens.shape[0], len(target_idx)
+    embeds = jnp.concatenate([embed_tokens(m.params, tokens), jnp.broadcast_to(jnp.tile(la, (n // layout.k, 1)),
+                                                                               (b, n, la.shape[1]))], 1)
+    t = embeds.shape[1]
+    hidden, _ = forward(m.params, m.config, embeds, jnp.broadcast_to(positions, (b, t)),
+                        jnp.broadcast_to(mask, (b, t, t)), KVCache.create(m.config, b, t))
+    student = jax.nn.log_softmax(logits_from_hidden(m.params, hidden[:, layout.seq_len:]), -1)
+    if loss == "ce":
+        per = -jnp.take_along_axis(student, tokens[:, target_idx][..., None], -1)[..., 0]
+    else:
+        teacher = jax.lax.stop_gradient(jax.nn.log_softmax(logits_from_hidden(m.params, hidden[:, target_idx - 1]), -1))
+        per = jnp.sum(jnp.exp(teacher) * (teacher - student), -1)
+    w = decay ** np.tile(np.arange(layout.k), n // layout.k) * np.asarray(target_mask)[:, target_idx]
+    return jnp.sum(per * w) / np.sum(w)
+
+
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("base")
@@ -157,3 +196,39 @@ def test_training_commands_share_common_without_importing_each_other():
     assert "pretrain" not in imported("lookahead") and "lookahead" not in imported("pretrain")
     assert "common" in imported("lookahead") and "common" in imported("pretrain")
     assert not {"lookahead", "pretrain"} & imported("common")
+
+
+def test_self_data_is_the_models_own_greedy_continuation_and_only_it_is_a_target(tmp_path):
+    import argparse
+
+    from train.data import RowBatches
+    from train.lookahead import _self_data
+
+    m = tiny_model(vocab=23, layers=1, scale=0.5)
+    args = argparse.Namespace(self_data=None, seq_len=12, self_samples=5, self_prompts=["random"], seed=3,
+                              self_temperature=0.0, chat=False, quiet=True, model="tiny")
+    tokens, mask = _self_data(m, args, tmp_path)
+    assert tokens.shape == mask.shape == (5, 12) and (tmp_path / "self_data.npz").is_file()
+    greedy = pj.generate(m, tokens[:, :1].tolist(), max_new_tokens=11, eos_token_id=()).token_ids
+    np.testing.assert_array_equal(tokens[:, 1:], np.asarray(greedy))
+    assert not mask[:, 0].any() and mask[:, 1:].all()  # the prompt token is no target
+    again, _ = _self_data(m, argparse.Namespace(**{**vars(args), "seed": 99}), tmp_path)  # cached: reused as is
+    np.testing.assert_array_equal(again, tokens)
+    rows = RowBatches(tokens, mask, batch_size=3, seed=0, holdout=0.2)
+    assert len(rows.tokens) == 4 and rows.eval_prompts(4, 8) == [tokens[4, :1].tolist()]
+    b1, m1 = rows.batch(7)
+    b2, _ = rows.batch(7)
+    np.testing.assert_array_equal(b1, b2)
+    assert b1.shape == m1.shape == (3, 12)
+
+
+def test_chat_training_prompts_never_equal_a_benchmark_prompt():
+    from infer.bench_model import read_prompts
+    from train.prompts import chat_prompts, stdlib_prompts
+
+    held_back = {p for f in (REPO / "infer" / "prompts").glob("*.jsonl") for p in read_prompts(str(f))}
+    train = chat_prompts()
+    assert len(set(train)) == len(train) >= 300 and not held_back & set(train)
+    code = stdlib_prompts(limit=50)
+    assert len(code) >= 50 and all(c.lstrip().startswith("def ") and '"""' in c or "'''" in c for c in code)
+    assert not held_back & set(code)

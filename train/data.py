@@ -67,3 +67,26 @@ class Batches:
         stride = max(1, (len(self.heldout) - length) // max(n, 1))
         return [self.heldout[i * stride:i * stride + length].tolist() for i in range(n)
                 if i * stride + length <= len(self.heldout)]
+
+
+class RowBatches:
+    """Batches of whole rows (prompt + continuation) with a target mask; batch `step` is a pure function of
+    (seed, step). The last `holdout` fraction of rows is held back: its prompts measure decoding during training.
+    """
+
+    def __init__(self, tokens: np.ndarray, mask: np.ndarray, batch_size: int, seed: int, holdout: float = 0.05):
+        if len(tokens) < 2:
+            raise ValueError(f"need at least 2 training rows, got {len(tokens)} (raise --self-samples)")
+        split = min(len(tokens) - 1, max(1, round(len(tokens) * (1 - holdout))))
+        self.tokens, self.mask, self.heldout = tokens[:split], mask[:split], (tokens[split:], mask[split:])
+        self.batch_size, self.seed = batch_size, seed
+
+    def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        rows = np.random.default_rng([self.seed, step]).integers(0, len(self.tokens), self.batch_size)
+        return self.tokens[rows], self.mask[rows]
+
+    def eval_prompts(self, n: int, length: int) -> list[list[int]]:
+        """The held-back rows' prompts (what precedes their first target), at most `length` tokens."""
+        tokens, mask = self.heldout
+        starts = [int(np.argmax(m)) if m.any() else len(m) for m in mask]
+        return [t[max(0, s - length):s].tolist() for t, s in zip(tokens[:n], starts) if s > 0]

@@ -22,12 +22,12 @@ import sys
 
 def add_parser(sub) -> None:
     from infer.bench_model import DEFAULT_PROMPTS
+    from infer.options import LOOKAHEAD_HELP
 
     p = sub.add_parser("eval-lookahead", help="measure look-ahead agreement with the model's greedy continuation",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="base model: Hugging Face directory or .gguf file (default: the embedded demo model)")
-    p.add_argument("--lookahead", help="look-ahead checkpoint directory or 'untrained' (default: the demo model's "
-                   "trained look-ahead without --model, else untrained)")
+    p.add_argument("--lookahead", help=LOOKAHEAD_HELP)
     p.add_argument("--k", type=int, help="score the first K look-aheads (default: all of the checkpoint, 4 untrained)")
     p.add_argument("--prompts", default=str(DEFAULT_PROMPTS), help="JSONL with a 'prompt' field, or a text file of "
                    "prompts separated by blank lines (default: infer/prompts/code.jsonl)")

@@ -25,29 +25,43 @@ def add_parser(sub) -> None:
     p.add_argument("--config", help="YAML file of defaults (keys: the long option names with _); flags override it")
     p.add_argument("--model", help="base model: Hugging Face directory")
     p.add_argument("--data", nargs="+", default=["self"],
-                   help="text/code files, directories, JSONL files (field --text-field); 'stdlib' for this Python's "
-                        "standard library source; or 'self' to train on the base model's own sampled generations "
-                        "(default)")
+                   help="'self' (default): the base model's own continuations of --self-prompts, the tokens greedy "
+                        "PaSS must draft; or text/code files, directories, JSONL files (field --text-field); "
+                        "'stdlib' for this Python's standard library source")
     p.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
     p.add_argument("--out", required=False, help="output directory: checkpoints, metrics.jsonl, final look-ahead")
     p.add_argument("--k", type=int, default=4, help="look-ahead embeddings to train (1..16, default 4)")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--stride", type=int, default=8, help="a look-ahead block after every N-th token (default 8)")
-    p.add_argument("--loss", choices=["distill", "ce"], default="distill",
-                   help="distill: KL to the base model's own next-token distributions (default); ce: true tokens")
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--stride", type=int, default=2, help="a look-ahead block after every N-th token (default 2); "
+                   "only the blocks are differentiated, so denser blocks cost less than a longer sequence")
+    p.add_argument("--loss", choices=["ce", "distill"], default="ce",
+                   help="ce: cross-entropy on the data's next tokens (default; on greedy self-data, the tokens "
+                        "greedy verification accepts); distill: KL to the base model's own next-token distributions")
+    p.add_argument("--decay", type=float, default=0.8,
+                   help="weight of look-ahead i is DECAY**(i-1): later ones are reached only after earlier ones "
+                        "are accepted (default 0.8)")
+    p.add_argument("--lr", type=float, default=0.1, help="peak learning rate (default 0.1: input embeddings alone "
+                   "need a large one)")
     p.add_argument("--schedule", choices=["constant", "cosine"], default="cosine")
     p.add_argument("--warmup", type=int, default=10, help="linear warm-up steps")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--init", choices=["token", "random"], default="token",
-                   help="start from copies of an UNK-like token's embedding (default) or random vectors")
+                   help="start from copies of an UNK-like token's embedding (default, the untrained baseline) or "
+                        "random vectors")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--self-samples", type=int, default=128, help="--data self: sequences to sample from the model")
-    p.add_argument("--self-temperature", type=float, default=1.0,
-                   help="--data self: sampling temperature of those sequences (0 = the model's greedy output, "
-                        "what greedy PaSS decoding must predict)")
+    p.add_argument("--self-prompts", nargs="+", default=["random"],
+                   help="--data self: what the model continues: 'random' (one random token each; default), "
+                        "'stdlib' (signatures + docstrings of the standard library), 'chat' (user requests, for "
+                        "instruct models), or JSONL/text files of prompts; several share --self-samples")
+    p.add_argument("--chat", action="store_true", help="wrap 'chat' and file prompts in the tokenizer's chat template")
+    p.add_argument("--self-data", help="--data self: reuse the rows another run generated (its self_data.npz) "
+                   "instead of generating them: recipe sweeps on the same data")
+    p.add_argument("--self-samples", type=int, default=128, help="--data self: sequences to generate")
+    p.add_argument("--self-temperature", type=float, default=0.0,
+                   help="--data self: sampling temperature of those sequences (default 0: the model's greedy "
+                        "output, what greedy PaSS decoding must predict)")
     p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (and at the end)")
     p.add_argument("--eval-every", type=int, default=50, help="measure PaSS tokens per forward every M steps")
     p.add_argument("--eval-prompts", type=int, default=4)
@@ -58,30 +72,61 @@ def add_parser(sub) -> None:
     p.add_argument("--coordinator", help="multi-process: coordinator address HOST:PORT (jax.distributed)")
     p.add_argument("--num-processes", type=int, default=1)
     p.add_argument("--process-id", type=int, default=0)
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
-RUN_KEYS = ("data", "k", "steps", "batch_size", "seq_len", "stride", "loss", "lr", "schedule", "warmup",
-            "weight_decay", "init", "seed", "self_samples", "self_temperature", "dtype")
+RUN_KEYS = ("data", "k", "steps", "batch_size", "seq_len", "stride", "loss", "decay", "lr", "schedule", "warmup",
+            "weight_decay", "init", "seed", "self_prompts", "chat", "self_samples", "self_temperature", "dtype")
 
 
-def _self_data(model, args, out: Path) -> np.ndarray:
-    """Sequences sampled from the base model, cached in --out so a resume reuses them."""
+def _self_data(model, args, out: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Rows [N, seq_len] of prompt + the model's own continuation, and a mask of the continuation tokens
+    (the only targets). Generated once with the lossless n-gram decoder and cached in --out, so a
+    resume (or a rerun of the same recipe) reuses them.
+    """
+    from tqdm import tqdm
+
     from pass_jax import generate
+    from pass_jax.api import _tokenize
 
-    path = out / "self_data.npy"
+    from .prompts import read_prompts
+
+    path = Path(args.self_data) if args.self_data else out / "self_data.npz"
+    if args.self_data and not path.is_file():
+        raise FileNotFoundError(f"--self-data {args.self_data}: no such file")
     if path.is_file():
-        return np.load(path)
+        data = np.load(path)
+        return data["tokens"], data["mask"]
+    L, n = args.seq_len, args.self_samples
     rng = np.random.default_rng(args.seed)
-    prompts = rng.integers(0, model.config.vocab_size, (args.self_samples, 1)).tolist()
-    res = generate(model, prompts, max_new_tokens=args.seq_len * 2, temperature=args.self_temperature, seed=args.seed,
-                   eos_token_id=())
-    stream = np.concatenate([np.asarray(p + t, np.int32) for p, t in zip(prompts, res.token_ids)])
-    tmp = out / f"self_data.{os.getpid()}.{jax_process_index()}.npy"
-    np.save(tmp, stream)
+    ids: list[list[int]] = []
+    for j, source in enumerate(args.self_prompts):
+        share = n // len(args.self_prompts) + (j < n % len(args.self_prompts))
+        if source == "random":
+            ids += rng.integers(0, model.config.vocab_size, (share, 1)).tolist()
+            continue
+        if model.tokenizer is None:
+            raise ValueError(f"--self-prompts {source}: {args.model} has no tokenizer (use 'random')")
+        texts = read_prompts(source, share, args.seed)
+        ids += [p[-(L // 2):] for p in _tokenize(model, texts, chat=args.chat and source != "stdlib")]
+    eos = tuple(model.config.eos_token_ids or ())
+    tokens = np.zeros((len(ids), L), np.int32)
+    mask = np.zeros((len(ids), L), bool)
+    batch = 8
+    for i in tqdm(range(0, len(ids), batch), desc="self-data", unit="batch", file=sys.stderr, disable=args.quiet):
+        chunk = ids[i:i + batch]
+        res = generate(model, chunk, max_new_tokens=L - min(map(len, chunk)), method="ngram",
+                       temperature=args.self_temperature, seed=args.seed + i, eos_token_id=eos)
+        for r, (p, t) in enumerate(zip(chunk, res.token_ids)):
+            row = (p + t)[:L]
+            tokens[i + r, :len(row)] = row
+            tokens[i + r, len(row):] = eos[0] if eos else 0
+            mask[i + r, len(p):len(row)] = True
+    tmp = out / f"self_data.{os.getpid()}.{jax_process_index()}.npz"
+    np.savez(tmp, tokens=tokens, mask=mask)
     os.replace(tmp, path)  # atomic: processes of a multi-process run write identical data
-    return stream
+    return tokens, mask
 
 
 def jax_process_index() -> int:
@@ -119,7 +164,7 @@ def run(args) -> int:
     from pass_jax.training import TrainLayout, make_train_step
 
     from .common import check_resume
-    from .data import Batches, read_texts, tokenize
+    from .data import Batches, RowBatches, read_texts, tokenize
 
     if not args.model or not args.out:
         raise ValueError("--model and --out are required (on the command line or in --config)")
@@ -140,7 +185,7 @@ def run(args) -> int:
         check_resume(out, args, RUN_KEYS)
     model = load_model(args.model, dtype=args.dtype)
     if args.data == ["self"]:
-        stream = _self_data(model, args, out)
+        batches = RowBatches(*_self_data(model, args, out), args.batch_size, args.seed)
     else:
         if model.tokenizer is None:
             raise ValueError(f"{args.model} has no tokenizer: train on --data self instead")
@@ -151,8 +196,7 @@ def run(args) -> int:
             docs = read_corpus(None, max_mb=64)
         else:
             docs = read_texts(args.data, args.text_field)
-        stream = tokenize(docs, model.tokenizer, eos)
-    batches = Batches(stream, args.seq_len, args.batch_size, args.seed)
+        batches = Batches(tokenize(docs, model.tokenizer, eos), args.seq_len, args.batch_size, args.seed)
     layout = TrainLayout(args.seq_len, k, args.stride)
     tx = _optimizer(args)
     if args.init == "token":
@@ -166,7 +210,8 @@ def run(args) -> int:
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the mesh's data axis ({data})")
     params = shard_params(model.params, model.config, mesh)  # the declared layout (sharding.LOGICAL_RULES)
     state = replicate(state, mesh)
-    train_step = make_train_step(model.config, layout, args.loss, tx, NamedSharding(mesh, PartitionSpec()))
+    train_step = make_train_step(model.config, layout, args.loss, tx, NamedSharding(mesh, PartitionSpec()),
+                                 decay=args.decay)
 
     manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
     start = 0
@@ -193,18 +238,26 @@ def run(args) -> int:
 
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=args.quiet or not primary,
                desc="look-ahead", unit="step", file=sys.stderr)
-    loss, t0, tokens_seen = float("nan"), time.perf_counter(), 0
+    clock = out / "train_seconds.txt"  # step time only (no evaluation), summed over sittings
+    trained = float(clock.read_text()) if args.resume and clock.is_file() else 0.0
+    loss, t0, tokens_seen, this_run = float("nan"), time.perf_counter(), 0, 0.0
     for step in bar:
-        tokens = shard_batch(batches.batch(step), mesh)
-        la, opt_state, value = train_step(state["lookahead"], state["opt_state"], params, tokens)
+        t_step = time.perf_counter()
+        batch = batches.batch(step)
+        tokens, mask = batch if isinstance(batch, tuple) else (batch, np.ones(batch.shape, bool))
+        la, opt_state, value = train_step(state["lookahead"], state["opt_state"], params, shard_batch(tokens, mesh),
+                                          shard_batch(mask, mesh))
         state = {"lookahead": la, "opt_state": opt_state}
         loss = float(value)
+        this_run += time.perf_counter() - t_step
         tokens_seen += args.batch_size * args.seq_len
-        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_seen / (time.perf_counter() - t0):.0f}")
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_seen / this_run:.0f}")
         done = step + 1
         if done % args.save_every == 0 or done == args.steps:
             manager.save(done, args=ocp.args.StandardSave(state))
             manager.wait_until_finished()
+            if primary:
+                clock.write_text(str(trained + this_run))
         if done % args.eval_every == 0 or done == args.steps:
             evaluate(done, loss)
     manager.close()
@@ -213,7 +266,10 @@ def run(args) -> int:
     loss = None if math.isnan(loss) else loss  # NaN when a finished run is resumed: no step ran
     save_lookahead(out, la_host, model, extra={"steps": args.steps, "loss": args.loss, "final_loss": loss,
                                                "seq_len": args.seq_len, "seed": args.seed,
-                                               "train_seconds_this_run": seconds})
+                                               "train_seconds_this_run": seconds,
+                                               "train_seconds_total": trained + this_run,
+                                               "tokens_per_second": tokens_seen / this_run if this_run else None,
+                                               "recipe": {k: getattr(args, k) for k in RUN_KEYS}})
     if primary:
         print(json.dumps({"out": str(out), "steps": args.steps, "final_loss": loss, "seconds": seconds}))
     return 0

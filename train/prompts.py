@@ -1,0 +1,95 @@
+"""Prompt sources for self-generated training data: the model continues them greedily, and the
+look-ahead learns to predict those continuations (what greedy PaSS must draft).
+
+- "stdlib": HumanEval-shaped code prompts (a function's signature and docstring) from this Python's
+  standard library; good for code models and for instruct models asked to complete code.
+- "chat": user requests built from task templates x subjects, for instruct models (with --chat).
+  They are built so that none equals a benchmark prompt in infer/prompts (tested): evaluation
+  prompts stay held back.
+- a JSONL file with a "prompt" field, or a text file of prompts separated by blank lines.
+"""
+
+from __future__ import annotations
+
+import ast
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .common import corpus_files
+
+CODE_TASKS = [
+    "sorts a list of dictionaries by a given key", "counts the consonants in a string", "merges two sorted lists",
+    "computes the factorial of a number", "checks whether a string is a palindrome", "flattens a nested list",
+    "finds the most common element in a list", "converts Celsius to Fahrenheit",
+    "removes duplicates from a list while keeping the order", "computes the n-th triangular number",
+    "splits a list into chunks of size n", "returns the second largest number in a list",
+    "counts the words in a text file", "validates an email address", "computes the mean and median of a list",
+    "transposes a matrix", "finds all anagrams of a word in a list", "converts a Roman numeral to an integer",
+    "checks whether brackets in a string are balanced", "computes the dot product of two vectors",
+    "returns the prime factors of a number", "capitalizes every word in a sentence", "implements binary search",
+    "parses a CSV line into fields", "generates the first n prime numbers", "rotates a list by k positions",
+    "computes the Levenshtein distance of two strings", "groups words by their first letter",
+    "reads a JSON file and returns its keys", "implements bubble sort",
+]
+CODE_TEMPLATES = ["Write a Python function that {}.", "Implement a function in Python that {}.",
+                  "Can you write Python code that {}? Explain it briefly.", "Show me a short Python function that {}."]
+TOPICS = [
+    "photosynthesis", "the water cycle", "black holes", "inflation", "machine learning", "the French Revolution",
+    "vaccines", "climate change", "the stock market", "the internet", "gravity", "DNA", "volcanoes",
+    "the Roman Empire", "electric cars", "sleep", "compound interest", "the immune system", "earthquakes",
+    "the printing press", "neural networks", "the moon landing", "recycling", "coffee", "honeybees",
+    "the Renaissance", "solar power", "democracy", "the human heart", "plate tectonics",
+]
+TOPIC_TEMPLATES = ["Explain {} in simple terms.", "Write a short paragraph about {}.", "What are three facts about {}?",
+                   "Why is {} important?", "Give a beginner's introduction to {}.", "Write a short poem about {}."]
+SOURCES = ("stdlib", "chat")
+
+
+def chat_prompts() -> list[str]:
+    return ([t.format(task) for t, task in itertools.product(CODE_TEMPLATES, CODE_TASKS)]
+            + [t.format(topic) for t, topic in itertools.product(TOPIC_TEMPLATES, TOPICS)])
+
+
+def stdlib_prompts(limit: int = 4000) -> list[str]:
+    """Signature + docstring of documented top-level functions of the standard library."""
+    out: list[str] = []
+    for f in corpus_files(None):
+        try:
+            src = f.read_text(encoding="utf-8")
+            tree = ast.parse(src)
+        except (SyntaxError, UnicodeDecodeError, OSError, ValueError):
+            continue
+        lines = src.splitlines(keepends=True)
+        for node in tree.body:
+            if isinstance(node, ast.FunctionDef) and ast.get_docstring(node) and not node.name.startswith("_"):
+                doc = node.body[0]
+                text = "".join(lines[node.lineno - 1:doc.end_lineno])
+                if len(text) < 1500:
+                    out.append(text)
+        if len(out) >= limit:
+            break
+    return out
+
+
+def read_prompts(source: str, n: int, seed: int) -> list[str]:
+    """n prompts from a source (see the module doc), shuffled by seed; fewer when the source holds fewer."""
+    if source == "stdlib":
+        prompts = stdlib_prompts()
+    elif source == "chat":
+        prompts = chat_prompts()
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"--self-prompts {source!r}: not {' or '.join(SOURCES)} and not a file")
+        text = path.read_text()
+        if path.suffix == ".jsonl":
+            prompts = [json.loads(line)["prompt"] for line in text.splitlines() if line.strip()]
+        else:
+            prompts = [p for p in text.split("\n\n") if p.strip()]
+    if not prompts:
+        raise ValueError(f"--self-prompts {source!r} holds no prompts")
+    order = np.random.default_rng(seed).permutation(len(prompts))
+    return [prompts[i] for i in order[:n]]

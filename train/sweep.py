@@ -1,0 +1,148 @@
+"""python -m train sweep: train look-ahead recipe variants and score each on held-back prompts.
+
+--recipes YAML: {base: {train lookahead options}, variants: [{name: ..., <options overriding base>}, ...]}.
+Each variant trains into OUT/<name> (a killed sweep resumes: finished variants are kept, an unfinished
+one continues from its checkpoint), then `eval-lookahead`'s diagnostics score it on --prompts, which no
+variant trains on: top-1/5/10 agreement by look-ahead position and the expected tokens per forward of
+chain drafting for every k in --ks (a look-ahead block is causal, so the first k of a trained leaf are a
+valid k-block). The untrained baseline and the ceiling come first. Writes OUT/sweep.json and a
+markdown table OUT/sweep.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+SELF_DATA_KEYS = ("data", "self_prompts", "self_samples", "self_temperature", "seq_len", "chat", "seed")
+
+
+def add_parser(sub) -> None:
+    from infer.bench_model import DEFAULT_PROMPTS
+
+    p = sub.add_parser("sweep", help="train look-ahead recipe variants and compare them on held-back prompts",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipes", required=True, help="YAML of a base recipe and its variants")
+    p.add_argument("--model", help="base model (default: the embedded demo model)")
+    p.add_argument("--out", required=True, help="directory of the variants' runs and the results")
+    p.add_argument("--prompts", nargs="+", default=[str(DEFAULT_PROMPTS)], help="held-back evaluation prompts "
+                   "(JSONL/text; default: infer/prompts/code.jsonl)")
+    p.add_argument("--chat-prompts", nargs="+", default=[], help="more held-back prompts, wrapped in the tokenizer's "
+                   "chat template (instruct models)")
+    p.add_argument("--ks", default="1,2,4", help="chain lengths to score (default 1,2,4)")
+    p.add_argument("--max-new-tokens", type=int, default=96, help="greedy continuation per evaluation prompt")
+    p.add_argument("--ceiling-depth", type=int, default=2)
+    p.add_argument("--only", nargs="+", help="run only these variants (default: all)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=run)
+
+
+def _train(model_dir: str, out: Path, options: dict, quiet: bool) -> float:
+    """Train one variant (resuming where it stopped); seconds of training summed over its sittings."""
+    from . import __main__ as cli
+
+    done = out / "lookahead.json"
+    if not done.is_file():
+        argv = ["lookahead", "--model", model_dir, "--out", str(out)]
+        for key, value in options.items():
+            flag = "--" + key.replace("_", "-")
+            if value is True:
+                argv.append(flag)
+            elif value is not False and value is not None:
+                argv += [flag, *map(str, value if isinstance(value, list) else [value])]
+        if (out / "checkpoints").is_dir():
+            argv.append("--resume")
+        if quiet:
+            argv.append("--quiet")
+        if cli.main(argv) != 0:
+            raise ValueError(f"training variant {out.name} failed (see above)")
+    meta = json.loads(done.read_text())
+    return float(meta.get("train_seconds_total", meta.get("train_seconds_this_run", 0.0)))
+
+
+def run(args) -> int:
+    import numpy as np
+    import yaml
+
+    from infer.bench_model import read_prompts
+    from infer.options import with_demo_defaults
+    from pass_jax import generate, load_model, untrained_lookahead
+    from pass_jax.api import _tokenize
+    from pass_jax.checkpoint import load_lookahead
+    from pass_jax.diagnostics import evaluate
+
+    spec = yaml.safe_load(Path(args.recipes).read_text()) or {}
+    base, variants = spec.get("base", {}), spec.get("variants", [])
+    if not variants or any("name" not in v for v in variants):
+        raise ValueError(f"{args.recipes}: needs a 'variants' list, each with a 'name'")
+    ks = sorted({int(k) for k in args.ks.split(",")})
+    model_dir, _ = with_demo_defaults(args.model, None)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "sweep.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+
+    model = load_model(model_dir)
+    ids = [p for path in args.prompts for p in _tokenize(model, read_prompts(path))]
+    ids += [p for path in args.chat_prompts for p in _tokenize(model, read_prompts(path), chat=True)]
+    cont = generate(model, ids, max_new_tokens=args.max_new_tokens, eos_token_id=()).token_ids
+
+    def score(la, ceiling: bool) -> dict:
+        row = {"by_k": {}}
+        for k in ks:
+            if k > la.shape[0]:
+                continue
+            res = evaluate(model.params, model.config, np.asarray(la[:k]), ids, cont,
+                           ceiling_depth=args.ceiling_depth if ceiling and k == ks[-1] else 0)
+            row["by_k"][str(k)] = res["chain"]["joint"]
+            if k == min(ks[-1], la.shape[0]):
+                row.update(top1=res["top1"], top5=res["top5"], top10=res["top10"], points=res["points"])
+                if ceiling:
+                    row["ceiling"] = res["ceiling"]
+        return row
+
+    if "untrained" not in results:
+        results["untrained"] = {**score(untrained_lookahead(model, ks[-1]), ceiling=True), "train_seconds": 0.0}
+        results_path.write_text(json.dumps(results, indent=2))
+    generated: dict = {}  # self-data settings -> the rows a first variant generated: the others reuse them
+    for variant in variants:
+        name = variant["name"]
+        options = {**base, **{k: v for k, v in variant.items() if k != "name"}}
+        data_key = json.dumps([options.get(key) for key in SELF_DATA_KEYS])
+        if (out / name / "self_data.npz").is_file():
+            generated.setdefault(data_key, str(out / name / "self_data.npz"))
+        if (args.only and name not in args.only) or name in results:
+            continue
+        if "lookahead" in options:  # score an existing checkpoint (e.g. the one a previous recipe shipped)
+            la, seconds = np.asarray(load_lookahead(options["lookahead"], model)), None
+        else:
+            if data_key in generated and "self_data" not in options:
+                options["self_data"] = generated[data_key]
+            print(f"== {name}: {options}", file=sys.stderr)
+            seconds = _train(model_dir, out / name, options, args.quiet)
+            if (out / name / "self_data.npz").is_file():
+                generated.setdefault(data_key, str(out / name / "self_data.npz"))
+            la = np.asarray(load_lookahead(out / name, model))
+        results[name] = {**score(la, ceiling=False), "train_seconds": seconds, "recipe": options}
+        results_path.write_text(json.dumps(results, indent=2))
+    (out / "sweep.md").write_text(table(results, ks))
+    print(table(results, ks))
+    return 0
+
+
+def table(results: dict, ks) -> str:
+    ceiling = results.get("untrained", {}).get("ceiling", [])
+    head = (["recipe"] + [f"tok/fwd k={k}" for k in ks] + ["top-1 by look-ahead", "top-10 by look-ahead",
+                                                           "train s"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in results.items():
+        cells = [name] + [f"{r['by_k'][str(k)]:.3f}" if str(k) in r["by_k"] else "-" for k in ks]
+        cells += [" / ".join(f"{x:.2f}" for x in r.get("top1", [])), " / ".join(f"{x:.2f}" for x in r.get("top10", [])),
+                  "-" if r.get("train_seconds") is None else f"{r['train_seconds']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    if ceiling:
+        lines.append(f"\nCeiling of a single-pass drafter (top-1, look-aheads 1..{len(ceiling)}): "
+                     + " / ".join(f"{x:.2f}" for x in ceiling))
+    return "\n".join(lines) + "\n"
