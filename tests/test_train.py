@@ -232,3 +232,27 @@ def test_chat_training_prompts_never_equal_a_benchmark_prompt():
     code = stdlib_prompts(limit=50)
     assert len(code) >= 50 and all(c.lstrip().startswith("def ") and '"""' in c or "'''" in c for c in code)
     assert not held_back & set(code)
+
+
+def test_sweep_trains_each_variant_once_on_shared_data_and_tables_them(tmp_path):
+    from train.__main__ import main
+
+    recipes = tmp_path / "r.yaml"
+    recipes.write_text("base: {k: 2, steps: 3, batch_size: 2, seq_len: 24, stride: 4, self_prompts: [random], "
+                       "self_samples: 4, save_every: 3, eval_every: 3, eval_prompts: 1}\n"
+                       "variants:\n  - {name: a, lr: 0.1}\n  - {name: b, lr: 0.01, loss: distill}\n")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("def add(a, b):\n\n")
+    argv = ["sweep", "--recipes", str(recipes), "--out", str(tmp_path / "out"), "--prompts", str(prompts),
+            "--ks", "1,2", "--max-new-tokens", "8", "--ceiling-depth", "1", "--quiet"]
+    assert main(argv) == 0
+    res = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    assert list(res) == ["untrained", "a", "b"] and all(set(r["by_k"]) == {"1", "2"} for r in res.values())
+    assert len(res["untrained"]["ceiling"]) == 1 and res["b"]["recipe"]["loss"] == "distill"
+    assert all(r["by_k"]["1"] >= 1 and len(r["top1"]) == 2 for r in res.values())
+    assert (tmp_path / "out" / "a" / "self_data.npz").is_file()
+    assert not (tmp_path / "out" / "b" / "self_data.npz").exists()  # b trained on a's rows
+    assert res["b"]["recipe"]["self_data"].endswith("a/self_data.npz")
+    assert (tmp_path / "out" / "sweep.md").read_text().count("\n| ") == 3
+    mtime = (tmp_path / "out" / "a" / "lookahead.json").stat().st_mtime
+    assert main(argv) == 0 and (tmp_path / "out" / "a" / "lookahead.json").stat().st_mtime == mtime  # nothing retrained
