@@ -13,11 +13,11 @@ from .api import (
 )
 from .cache import CacheOverflowError, KVCache
 from .config import ConfigError, ModelConfig
-from .lookahead import init_lookahead
+from .lookahead import DeepLookahead, init_deep, init_lookahead
 from .sampling import Sampler
 from .tree import DraftTree
 
-__all__ = ["CacheOverflowError", "ConfigError", "DraftTree", "GenerationResult", "GenerationStats", "KVCache", "Model",
-           "ModelConfig", "Sampler", "decode_fn", "generate", "init_lookahead", "load_model", "make_plan", "save_model",
-           "untrained_lookahead"]
+__all__ = ["CacheOverflowError", "ConfigError", "DeepLookahead", "DraftTree", "GenerationResult", "GenerationStats",
+           "KVCache", "Model", "ModelConfig", "Sampler", "decode_fn", "generate", "init_deep", "init_lookahead",
+           "load_model", "make_plan", "save_model", "untrained_lookahead"]
 __version__ = "0.1.0"

@@ -21,7 +21,7 @@ from .cache import CacheOverflowError
 from .config import ModelConfig
 from .decode import METHODS, VARIANTS, DecodePlan, DecodeSpec
 from .hf import load_hf, save_hf
-from .lookahead import check_k, init_lookahead
+from .lookahead import DeepLookahead, check_k, init_lookahead
 from .sampling import Sampler
 from .sharding import replicate, shard_batch, shard_params
 from .tree import DraftTree
@@ -220,7 +220,13 @@ def make_plan(model: Model, *, prompt_len: int, max_new_tokens: int = 64, method
                          + (f" variant {variant!r}" if method == "pass" else ""))
     if method == "pass":
         k = check_k(k)
-        lookahead = untrained_lookahead(model, k) if lookahead is None else jnp.asarray(lookahead, jnp.float32)
+        lookahead = untrained_lookahead(model, k) if lookahead is None else lookahead
+        if not isinstance(lookahead, DeepLookahead):
+            lookahead = jnp.asarray(lookahead, jnp.float32)
+        elif lookahead.prefix.shape[:2] != (cfg.num_layers, 2) or lookahead.prefix.shape[3:] != (
+                cfg.num_kv_heads, cfg.head_dim):
+            raise ValueError(f"deep look-ahead prefix has shape {lookahead.prefix.shape}, expected ({cfg.num_layers}, "
+                             f"2, P, {cfg.num_kv_heads}, {cfg.head_dim})")
         if lookahead.shape != (k, cfg.hidden_size):
             raise ValueError(f"look-ahead embeddings have shape {lookahead.shape}, expected ({k}, {cfg.hidden_size})")
         if tree is not None:  # only the slots the tree reads (look-ahead i sees look-aheads 1..i alone)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import ConfigError
-from .lookahead import check_k
+from .lookahead import DeepLookahead, check_k, split_lookahead
 from .sharding import host_array
 
 METADATA = "lookahead.json"
@@ -64,10 +64,13 @@ def save_lookahead(path: str | os.PathLike, lookahead, model, extra: dict | None
 
     path = Path(path).absolute()
     path.mkdir(parents=True, exist_ok=True)
-    la = np.asarray(lookahead, np.float32)
+    embeds, prefix = split_lookahead(lookahead)
+    la = np.asarray(embeds, np.float32)
+    state = {"lookahead": la} if prefix is None else {"lookahead": la, "prefix": np.asarray(prefix, np.float32)}
     with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(path / "state", {"lookahead": la}, force=True)
+        ckpt.save(path / "state", state, force=True)
     meta = {"k": int(la.shape[0]), "d_model": int(la.shape[1]), "vocab_size": model.config.vocab_size,
+            "deep_prefix": 0 if prefix is None else int(prefix.shape[2]),
             "base_model_fingerprint": model_fingerprint(model), "base_model_path": model.path,
             "base_model_architecture": architecture(model.config), **(extra or {})}
     import jax
@@ -115,7 +118,8 @@ def load_lookahead(path: str | os.PathLike, model, k: int | None = None):
                       OtherWeightsWarning, stacklevel=2)
     try:
         with ocp.StandardCheckpointer() as ckpt:
-            la = ckpt.restore(path / "state")["lookahead"]
+            state = ckpt.restore(path / "state")
+        la = state["lookahead"]
     except Exception as e:  # noqa: BLE001 -- orbax raises many kinds on damaged files
         raise ConfigError(f"cannot read look-ahead checkpoint {str(path)!r}: {type(e).__name__}: {e}") from None
     if tuple(la.shape) != (meta["k"], meta["d_model"]):
@@ -123,4 +127,10 @@ def load_lookahead(path: str | os.PathLike, model, k: int | None = None):
     if k is not None and k > la.shape[0]:
         raise ValueError(f"look-ahead checkpoint {str(path)!r} holds k={la.shape[0]} embeddings, fewer than the "
                          f"k={k} asked for: use k <= {la.shape[0]} or train a larger k")
+    if "prefix" in state:
+        prefix = state["prefix"]
+        want = (model.config.num_layers, 2, meta.get("deep_prefix"), model.config.num_kv_heads, model.config.head_dim)
+        if tuple(prefix.shape) != want:
+            raise ConfigError(f"look-ahead checkpoint {str(path)!r} is corrupt: deep prefix shape {prefix.shape} != {want}")
+        return DeepLookahead(jnp.asarray(la[:k], jnp.float32), jnp.asarray(prefix, jnp.float32))
     return jnp.asarray(la[:k], jnp.float32)

@@ -29,6 +29,7 @@ from jax.sharding import Mesh
 
 from .cache import KVCache, write_block
 from .config import ModelConfig
+from .lookahead import split_lookahead
 from .model import causal_block_mask, embed_tokens, forward, logits_from_hidden
 from .ngram import prompt_lookup, row_history
 from .sampling import DRAFT, EMIT, Sampler, position_keys, sample, top_k, verify, verify_tree
@@ -96,6 +97,15 @@ class Inputs:
     prompt_lens: jax.Array  # [B]
     row_keys: jax.Array  # [B, 2] raw per-row keys: randomness is indexed by (row, output position)
     draft_params: dict | None = None  # two-model speculative sampling only
+    prefix: jax.Array | None = None  # deep look-ahead: [layers, 2, P, KV, hd] keys/values only look-aheads see
+
+
+def _forward(plan: DecodePlan, inp: Inputs, embeds, positions, mask, cache, n_real: int):
+    """The decoder over a block whose slots from n_real on are look-aheads (they alone see a deep prefix)."""
+    rows = None
+    if inp.prefix is not None:
+        rows = jnp.broadcast_to(jnp.arange(embeds.shape[1]) >= n_real, embeds.shape[:2])
+    return forward(inp.params, plan.cfg, embeds, positions, mask, cache, prefix=inp.prefix, prefix_rows=rows)
 
 
 def block_layout(lengths, last_token, n_tok: int, n_la: int):
@@ -157,7 +167,7 @@ def _round(plan: DecodePlan, inp: Inputs, state: DecodeState, use_drafts: bool, 
     if use_la:
         embeds = jnp.concatenate([embeds, jnp.broadcast_to(lookahead.astype(jnp.float32), (b,) + lookahead.shape)], 1)
     positions, mask = block_layout(state.cache.lengths, n_drafts, n_tok, k if use_la else 0)
-    hidden, cache = forward(params, plan.cfg, embeds, positions, mask, state.cache)
+    hidden, cache = _forward(plan, inp, embeds, positions, mask, state.cache, n_tok)
     logits = logits_from_hidden(params, hidden)
     keys = position_keys(row_keys, state.out_len[:, None] + jnp.arange(n_tok)[None])
     probs = state.draft_probs if use_drafts else state.draft_probs[:, :0]
@@ -203,8 +213,8 @@ def _tree_round(plan: DecodePlan, inp: Inputs, state: DecodeState, tree: DraftTr
         blocks = jnp.tile(inp.lookahead.astype(jnp.float32), (n_blocks, 1))
         embeds = jnp.concatenate([embeds, jnp.broadcast_to(blocks, (b,) + blocks.shape)], 1)
     offsets, block_mask = tree.layout(k)
-    hidden, cache = forward(params, plan.cfg, embeds, state.cache.lengths[:, None] + offsets[None],
-                            jnp.broadcast_to(block_mask, (b,) + block_mask.shape), state.cache)
+    hidden, cache = _forward(plan, inp, embeds, state.cache.lengths[:, None] + offsets[None],
+                             jnp.broadcast_to(block_mask, (b,) + block_mask.shape), state.cache, n)
     keys = position_keys(inp.row_keys, state.out_len[:, None] + depth[None])[:, :, EMIT]
     end, draws = verify_tree(logits_from_hidden(params, hidden[:, :n]), tokens, valid, tree.parents, ancestors,
                              spec.sampler, keys)
@@ -248,7 +258,7 @@ def _prefill(plan: DecodePlan, inp: Inputs) -> DecodeState:
         embeds = jnp.concatenate([embeds, jnp.broadcast_to(la, (b,) + la.shape)], 1)
     last = inp.prompt_lens - 1
     positions, mask = block_layout(cache.lengths, last, tp, k if use_la else 0)
-    hidden, cache = forward(params, cfg, embeds, positions, mask, cache)
+    hidden, cache = _forward(plan, inp, embeds, positions, mask, cache, tp)
     rows = jnp.arange(b)
     logits = logits_from_hidden(params, hidden[rows, last])[:, None]
     zero = jnp.zeros((b,), jnp.int32)
@@ -391,7 +401,8 @@ class DecodePlan:
     def __call__(self, params, lookahead, prompts, prompt_lens, key, draft_params=None) -> DecodeState:
         """prompts [B, Tp] padded, prompt_lens [B], key a PRNG key; returns the final DecodeState."""
         row_keys = jax.random.key_data(jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(prompts.shape[0])))
-        inp = Inputs(params, lookahead, prompts, prompt_lens, row_keys, draft_params)
+        embeds, prefix = split_lookahead(lookahead)
+        inp = Inputs(params, embeds, prompts, prompt_lens, row_keys, draft_params, prefix)
         method = self.spec.draft
         state = _prefill(self, inp)
         if method.prefill is not None:

@@ -25,6 +25,7 @@ import numpy as np
 
 from .cache import KVCache
 from .config import ModelConfig
+from .lookahead import split_lookahead
 from .model import embed_tokens, forward, logits_from_hidden
 from .tree import DraftTree
 
@@ -51,13 +52,15 @@ def branch_layout(length: int, roots: jax.Array, depth: int):
     return positions.astype(jnp.int32), jnp.concatenate([top, bottom], 1)
 
 
-def _branch_hidden(params, cfg: ModelConfig, tokens, roots, branch_embeds, depth: int):
-    """Final hidden states of the real tokens [B, L, D] and of the branch slots [B, N*depth, D], in one pass."""
+def _branch_hidden(params, cfg: ModelConfig, tokens, roots, branch_embeds, depth: int, prefix=None):
+    """Final hidden states of the real tokens [B, L, D] and of the branch slots [B, N*depth, D], in one pass
+    (branch slots see a deep look-ahead's prefix when one is given)."""
     b, length = tokens.shape
     positions, mask = branch_layout(length, roots, depth)
     embeds = jnp.concatenate([embed_tokens(params, tokens), branch_embeds.astype(jnp.float32)], 1)
     cache = KVCache.create(cfg, b, embeds.shape[1], params["embed"].dtype)
-    hidden, _ = forward(params, cfg, embeds, positions, mask, cache)
+    rows = None if prefix is None else jnp.broadcast_to(jnp.arange(embeds.shape[1]) >= length, embeds.shape[:2])
+    hidden, _ = forward(params, cfg, embeds, positions, mask, cache, prefix=prefix, prefix_rows=rows)
     return hidden[:, :length], hidden[:, length:]
 
 
@@ -72,6 +75,7 @@ def diagnose(params, cfg: ModelConfig, lookahead, tokens, first, lengths, *, n_p
     ceiling [B, N, ceiling_depth] (the beam-marginal's argmax is the target) and ceiling_valid.
     """
     b, length = tokens.shape
+    lookahead, prefix = split_lookahead(lookahead)
     k, dim = lookahead.shape
     points = first[:, None] + jnp.arange(n_points)[None]  # [B, N]
     roots = jnp.minimum(points, length - 1)
@@ -80,7 +84,7 @@ def diagnose(params, cfg: ModelConfig, lookahead, tokens, first, lengths, *, n_p
         return points[..., None] + 1 + jnp.arange(1, depth + 1) < lengths[:, None, None]
 
     la = jnp.broadcast_to(jnp.tile(lookahead, (n_points, 1)), (b, n_points * k, dim))
-    real_h, la_h = _branch_hidden(params, cfg, tokens, roots, la, k)
+    real_h, la_h = _branch_hidden(params, cfg, tokens, roots, la, k, prefix)
     real_logp = jax.nn.log_softmax(logits_from_hidden(params, real_h), -1)  # [B, L, V]
     greedy = jnp.argmax(real_logp, -1)  # greedy[:, s]: the model's token at s+1
 
@@ -181,7 +185,7 @@ def evaluate(params, cfg: ModelConfig, lookahead, prompts, continuations, *, wid
     if n_points < 1:
         raise ValueError("continuations need at least 2 tokens to score a look-ahead")
     length = -(-max(map(len, seqs)) // 16) * 16
-    lookahead, beam = jnp.asarray(lookahead, jnp.float32), min(beam, cfg.vocab_size)
+    beam = min(beam, cfg.vocab_size)
     parts = []
     for s in range(0, len(seqs), batch_size):
         rows = seqs[s:s + batch_size]

@@ -10,6 +10,7 @@ import numbers
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 MAX_K = 16
 
@@ -38,3 +39,37 @@ def init_lookahead(params: dict, k: int, how: str = "token", token_id: int = 0, 
         std = jnp.std(embed.astype(jnp.float32))
         return std * jax.random.normal(key, (k, embed.shape[1]), jnp.float32)
     raise ValueError(f"unknown look-ahead initialisation {how!r}: use 'token' or 'random'")
+
+
+@struct.dataclass
+class DeepLookahead:
+    """Deep look-ahead (`--deep`): the k embeddings plus, per layer, P learned key/value pairs that only
+    look-ahead positions attend to. Real tokens never see them, so decoding stays exact; the whole
+    struct is the one trained leaf. Slicing [:k] slices the embeddings (the prefix is shared)."""
+
+    embeds: jax.Array  # [k, D]
+    prefix: jax.Array  # [layers, 2, P, kv_heads, head_dim]
+
+    @property
+    def shape(self):
+        return self.embeds.shape
+
+    def __getitem__(self, idx):
+        return self.replace(embeds=self.embeds[idx])
+
+
+def split_lookahead(lookahead):
+    """(embeddings [k, D] float32, deep prefix or None) of a plain or deep look-ahead."""
+    if isinstance(lookahead, DeepLookahead):
+        return jnp.asarray(lookahead.embeds, jnp.float32), jnp.asarray(lookahead.prefix, jnp.float32)
+    return jnp.asarray(lookahead, jnp.float32), None
+
+
+def init_deep(embeds, cfg, prefix_len: int, key: jax.Array | None = None) -> DeepLookahead:
+    """A deep look-ahead around plain embeddings, with near-zero keys and values: at the start each
+    prefix slot is an almost empty extra key to the look-aheads; training gives it content."""
+    if not 1 <= prefix_len <= 64:
+        raise ValueError(f"deep look-ahead prefix length must be in 1..64, got {prefix_len}")
+    key = jax.random.key(0) if key is None else key
+    shape = (cfg.num_layers, 2, prefix_len, cfg.num_kv_heads, cfg.head_dim)
+    return DeepLookahead(jnp.asarray(embeds, jnp.float32), 0.02 * jax.random.normal(key, shape, jnp.float32))

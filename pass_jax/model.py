@@ -53,9 +53,15 @@ def embed_tokens(params: Params, tokens: jax.Array) -> jax.Array:
     return params["embed"][tokens].astype(jnp.float32)
 
 
-def _attention(q, keys, values, mask, cfg: ModelConfig):
-    """Grouped-query attention of q [B, T, H, hd] over the whole buffer keys/values [B, S, KV, hd]."""
+def _attention(q, keys, values, mask, cfg: ModelConfig, prefix=None, prefix_rows=None):
+    """Grouped-query attention of q [B, T, H, hd] over the whole buffer keys/values [B, S, KV, hd].
+
+    prefix ([2, P, KV, hd] keys and values, deep look-ahead) is seen by the rows where prefix_rows [B, T]."""
     b, t, _, hd = q.shape
+    if prefix is not None:
+        keys = jnp.concatenate([jnp.broadcast_to(prefix[0].astype(keys.dtype), (b,) + prefix.shape[1:]), keys], 1)
+        values = jnp.concatenate([jnp.broadcast_to(prefix[1].astype(values.dtype), (b,) + prefix.shape[1:]), values], 1)
+        mask = jnp.concatenate([jnp.broadcast_to(prefix_rows[:, :, None], (b, t, prefix.shape[1])), mask], 2)
     groups = cfg.num_heads // cfg.num_kv_heads
     q = q.reshape(b, t, cfg.num_kv_heads, groups, hd)
     scores = jnp.einsum("btkgd,bskd->bkgts", q.astype(keys.dtype), keys,
@@ -67,14 +73,17 @@ def _attention(q, keys, values, mask, cfg: ModelConfig):
 
 
 def forward(params: Params, cfg: ModelConfig, embeds: jax.Array, positions: jax.Array,
-            block_mask: jax.Array, cache: KVCache, visible: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+            block_mask: jax.Array, cache: KVCache, visible: jax.Array | None = None, prefix: jax.Array | None = None,
+            prefix_rows: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
     """Run a block of T new inputs through the decoder.
 
     embeds [B, T, D] (token embeddings or look-ahead vectors), positions [B, T] RoPE positions,
     block_mask [B, T, T] which block entries each query sees (on top of every committed entry).
     The block's keys/values are written at each row's cache length but not committed.
     visible [B, T, max_len], when given, replaces that rule (training: a look-ahead block sees the
-    real tokens only up to its insertion point).
+    real tokens only up to its insertion point). prefix [layers, 2, P, KV, hd] (deep look-ahead):
+    learned keys/values that only the rows where prefix_rows [B, T] attend to, before the cache;
+    every other row computes exactly what it computes without them.
     Returns the final-normed hidden states [B, T, D] and the cache with the block written.
     """
     mask = attention_mask(cache.lengths, block_mask, cache.max_len) if visible is None else visible
@@ -94,7 +103,8 @@ def forward(params: Params, cfg: ModelConfig, embeds: jax.Array, positions: jax.
         v = qkv[..., (nq + nkv) * hd:].reshape(b, t, nkv, hd)
         keys[i] = write_block(keys[i], k, cache.lengths)
         values[i] = write_block(values[i], v, cache.lengths)
-        attn = dense(_attention(q, keys[i], values[i], mask, cfg), layer["o"])
+        attn = dense(_attention(q, keys[i], values[i], mask, cfg, None if prefix is None else prefix[i], prefix_rows),
+                     layer["o"])
         x = x + (attn + layer["o_bias"].astype(jnp.float32) if "o_bias" in layer else attn)
         gate, up = jnp.split(dense(rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps), layer["gate_up"]), 2, axis=-1)
         x = x + dense(jax.nn.silu(gate) * up, layer["down"])

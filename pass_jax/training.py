@@ -18,6 +18,7 @@ import optax
 
 from .cache import KVCache
 from .config import ModelConfig
+from .lookahead import split_lookahead
 from .model import embed_tokens, forward, logits_from_hidden
 
 LOSSES = ("ce", "distill")
@@ -62,6 +63,7 @@ def lookahead_loss(lookahead, params, cfg: ModelConfig, tokens, layout: TrainLay
                    decay: float = 1.0, target_mask=None):
     """Mean loss of the look-ahead predictions over a batch of token sequences [B, L].
 
+    lookahead: [k, D] embeddings or a DeepLookahead (then its prefix is trained too).
     "ce": cross-entropy against the future tokens (on the model's own greedy continuations these are
     exactly what greedy verification accepts); "distill": KL from the base model's own next-token
     distribution at each future position to the look-ahead's. Look-ahead i is weighted decay**(i-1)
@@ -73,6 +75,7 @@ def lookahead_loss(lookahead, params, cfg: ModelConfig, tokens, layout: TrainLay
     blocks run through the decoder, attending to that cache, and only they are differentiated. The
     backward pass is as long as the look-ahead blocks, not the sequence.
     """
+    lookahead, prefix = split_lookahead(lookahead)
     b, length = tokens.shape
     if loss not in LOSSES or length != layout.seq_len or lookahead.shape[0] != layout.k:
         raise ValueError(f"need loss in {LOSSES}, tokens of length {layout.seq_len} and {layout.k} look-aheads "
@@ -87,7 +90,8 @@ def lookahead_loss(lookahead, params, cfg: ModelConfig, tokens, layout: TrainLay
     cache = jax.lax.stop_gradient(cache).commit(jnp.full((b,), length))
     blocks = jnp.broadcast_to(jnp.tile(lookahead, (n // layout.k, 1)), (b, n, lookahead.shape[1]))
     la_hidden, _ = forward(params, cfg, blocks, jnp.broadcast_to(positions[length:], (b, n)), None, cache,
-                           visible=jnp.broadcast_to(mask[length:], (b, n, length + n)))
+                           visible=jnp.broadcast_to(mask[length:], (b, n, length + n)), prefix=prefix,
+                           prefix_rows=None if prefix is None else jnp.ones((b, n), bool))
     student = jax.nn.log_softmax(logits_from_hidden(params, la_hidden), -1)  # [B, n, V]
     if loss == "ce":
         per_target = -jnp.take_along_axis(student, tokens[:, target_idx][..., None], -1)[..., 0]

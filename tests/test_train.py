@@ -88,14 +88,18 @@ def test_two_pass_loss_and_gradient_equal_one_pass_over_everything(loss):
 
 
 def _one_pass_loss(la, m, tokens, layout, loss, decay, target_mask):
-    """The loss as one pass over [real tokens, every block]: what training computed before the two-pass split."""
+    """The loss as one pass over [real tokens, every block]: what training computed before the two-pass split
+    (a deep look-ahead's prefix seen by the block rows only)."""
+    la, prefix = (la.embeds, la.prefix) if isinstance(la, pj.DeepLookahead) else (la, None)
     positions, mask, target_idx = layout.arrays()
     b, n = tokens.shape[0], len(target_idx)
     embeds = jnp.concatenate([embed_tokens(m.params, tokens), jnp.broadcast_to(jnp.tile(la, (n // layout.k, 1)),
                                                                                (b, n, la.shape[1]))], 1)
     t = embeds.shape[1]
+    rows = jnp.broadcast_to(jnp.arange(t) >= layout.seq_len, (b, t))
     hidden, _ = forward(m.params, m.config, embeds, jnp.broadcast_to(positions, (b, t)),
-                        jnp.broadcast_to(mask, (b, t, t)), KVCache.create(m.config, b, t))
+                        jnp.broadcast_to(mask, (b, t, t)), KVCache.create(m.config, b, t), prefix=prefix,
+                        prefix_rows=rows)
     student = jax.nn.log_softmax(logits_from_hidden(m.params, hidden[:, layout.seq_len:]), -1)
     if loss == "ce":
         per = -jnp.take_along_axis(student, tokens[:, target_idx][..., None], -1)[..., 0]
@@ -126,7 +130,7 @@ def _env(devices=1):
 
 
 def _leaf(out, base):
-    return np.asarray(load_lookahead(out, pj.load_model(base)))
+    return load_lookahead(out, pj.load_model(base))
 
 
 def test_train_cli_end_to_end_and_generate_with_it(base_dir, tmp_path):

@@ -50,6 +50,9 @@ def add_parser(sub) -> None:
     p.add_argument("--init", choices=["token", "random"], default="token",
                    help="start from copies of an UNK-like token's embedding (default, the untrained baseline) or "
                         "random vectors")
+    p.add_argument("--deep", type=int, default=0, metavar="P",
+                   help="deep look-ahead: also train P key/value pairs per layer that only look-ahead positions "
+                        "attend to (real tokens never see them: decoding stays exact); 0 = plain (default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--self-prompts", nargs="+", default=["random"],
                    help="--data self: what the model continues: 'random' (one random token each; default), "
@@ -77,7 +80,7 @@ def add_parser(sub) -> None:
 
 
 RUN_KEYS = ("data", "k", "steps", "batch_size", "seq_len", "stride", "loss", "decay", "lr", "schedule", "warmup",
-            "weight_decay", "init", "seed", "self_prompts", "chat", "self_samples", "self_temperature", "dtype")
+            "weight_decay", "init", "deep", "seed", "self_prompts", "chat", "self_samples", "self_temperature", "dtype")
 
 
 def _self_data(model, args, out: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -129,6 +132,13 @@ def _self_data(model, args, out: Path) -> tuple[np.ndarray, np.ndarray]:
     return tokens, mask
 
 
+def _host(lookahead):
+    """This process's copy of the (replicated) look-ahead leaf, plain or deep."""
+    import jax
+
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), lookahead)
+
+
 def jax_process_index() -> int:
     import jax
 
@@ -159,7 +169,7 @@ def run(args) -> int:
     from pass_jax import generate, load_model, untrained_lookahead
     from pass_jax.checkpoint import save_lookahead
     from pass_jax.diagnostics import evaluate as diagnose_lookahead
-    from pass_jax.lookahead import check_k, init_lookahead
+    from pass_jax.lookahead import check_k, init_deep, init_lookahead
     from pass_jax.sharding import make_mesh, replicate, shard_batch, shard_params
     from pass_jax.training import TrainLayout, make_train_step
 
@@ -203,6 +213,8 @@ def run(args) -> int:
         la = untrained_lookahead(model, k)
     else:
         la = init_lookahead(model.params, k, "random", key=jax.random.key(args.seed))
+    if args.deep:
+        la = init_deep(la, model.config, args.deep, jax.random.key(args.seed + 1))
     state = {"lookahead": la, "opt_state": tx.init(la)}
 
     mesh = make_mesh(data, model_axis)
@@ -226,7 +238,7 @@ def run(args) -> int:
     def evaluate(step: int, loss: float) -> None:
         if not primary or not prompts:
             return
-        la_host = np.asarray(state["lookahead"].addressable_data(0))
+        la_host = _host(state["lookahead"])
         res = generate(model, prompts, max_new_tokens=32, method="pass", k=k, lookahead=la_host, eos_token_id=())
         row = {"step": step, "loss": loss, "tokens_per_forward": res.stats.tokens_per_forward,
                "acceptance_by_position": res.stats.acceptance_by_position,
@@ -261,7 +273,7 @@ def run(args) -> int:
         if done % args.eval_every == 0 or done == args.steps:
             evaluate(done, loss)
     manager.close()
-    la_host = np.asarray(state["lookahead"].addressable_data(0))
+    la_host = _host(state["lookahead"])
     seconds = time.perf_counter() - t0
     loss = None if math.isnan(loss) else loss  # NaN when a finished run is resumed: no step ran
     save_lookahead(out, la_host, model, extra={"steps": args.steps, "loss": args.loss, "final_loss": loss,

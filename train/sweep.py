@@ -63,7 +63,6 @@ def _train(model_dir: str, out: Path, options: dict, quiet: bool) -> float:
 
 
 def run(args) -> int:
-    import numpy as np
     import yaml
 
     from infer.bench_model import read_prompts
@@ -94,7 +93,7 @@ def run(args) -> int:
         for k in ks:
             if k > la.shape[0]:
                 continue
-            res = evaluate(model.params, model.config, np.asarray(la[:k]), ids, cont,
+            res = evaluate(model.params, model.config, la[:k], ids, cont,
                            ceiling_depth=args.ceiling_depth if ceiling and k == ks[-1] else 0)
             row["by_k"][str(k)] = res["chain"]["joint"]
             if k == min(ks[-1], la.shape[0]):
@@ -116,7 +115,7 @@ def run(args) -> int:
         if (args.only and name not in args.only) or name in results:
             continue
         if "lookahead" in options:  # score an existing checkpoint (e.g. the one a previous recipe shipped)
-            la, seconds = np.asarray(load_lookahead(options["lookahead"], model)), None
+            la, seconds = load_lookahead(options["lookahead"], model), None
         else:
             if data_key in generated and "self_data" not in options:
                 options["self_data"] = generated[data_key]
@@ -124,7 +123,7 @@ def run(args) -> int:
             seconds = _train(model_dir, out / name, options, args.quiet)
             if (out / name / "self_data.npz").is_file():
                 generated.setdefault(data_key, str(out / name / "self_data.npz"))
-            la = np.asarray(load_lookahead(out / name, model))
+            la = load_lookahead(out / name, model)
         results[name] = {**score(la, ceiling=False), "train_seconds": seconds, "recipe": options}
         results_path.write_text(json.dumps(results, indent=2))
     (out / "sweep.md").write_text(table(results, ks))
