@@ -57,6 +57,12 @@ def test_humaneval_pass_and_ar_completions_are_identical(tmp_path, capsys):
     assert code == 0 and res["identical_to_ar"] is True and "pass@1" in res["pass"] and res["speedup"] > 0
     lines = (tmp_path / "completions_pass.jsonl").read_text().splitlines()
     assert [json.loads(x)["task_id"] for x in lines] == ["HumanEval/0", "HumanEval/1"]
+    code = main(["humaneval", "--limit", "2", "--max-new-tokens", "16", "--method", "pass,ngram", "--compare",
+                 "--out", str(tmp_path / "two")])
+    res = json.loads(capsys.readouterr().out)
+    assert code == 0 and all(res[m]["identical_to_ar"] is True and res[m]["speedup"] > 0 for m in ("pass", "ngram"))
+    assert main(["humaneval", "--method", "pass,beam", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown beam" in capsys.readouterr().err
 
 
 def test_speed_suite_measures_every_dtype_and_pass_width(tmp_path, capsys):
