@@ -249,3 +249,24 @@ def test_stats_are_a_frozen_dataclass_whose_dict_is_the_json_stats(hf_dirs):
     assert d["acceptance_by_position"] == r.stats.acceptance_by_position and r.stats["seconds"] == r.stats.seconds
     tree = pj.generate(model, [[1, 2, 3]], max_new_tokens=5, method="pass", k=2)  # tree variant: per-node rates too
     assert tree.stats.to_dict()["node_acceptance"] == tree.stats.node_acceptance
+
+
+def test_shipped_lookaheads_are_complete_and_say_how_they_were_made():
+    """Every look-ahead in pass_jax/lookaheads: metadata with its architecture, fingerprint, recipe and
+    command, and arrays of the shape it declares (the model itself is not needed, nor downloaded)."""
+    import orbax.checkpoint as ocp
+
+    from pass_jax.checkpoint import shipped_lookaheads
+
+    shipped = shipped_lookaheads()
+    assert "smollm2-135m-instruct" in shipped
+    for path in shipped.values():
+        meta = json.loads((path / "lookahead.json").read_text())
+        assert {"k", "d_model", "base_model_fingerprint", "base_model_architecture", "recipe", "command"} <= set(meta)
+        arch = meta["base_model_architecture"]
+        with ocp.StandardCheckpointer() as ckpt:
+            state = ckpt.restore(path / "state")
+        assert state["lookahead"].shape == (meta["k"], meta["d_model"]) == (meta["k"], arch["hidden_size"])
+        if meta.get("deep_prefix"):
+            assert state["prefix"].shape == (arch["num_layers"], 2, meta["deep_prefix"], arch["num_kv_heads"],
+                                             arch["head_dim"])
