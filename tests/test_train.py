@@ -260,3 +260,14 @@ def test_sweep_trains_each_variant_once_on_shared_data_and_tables_them(tmp_path)
     assert (tmp_path / "out" / "sweep.md").read_text().count("\n| ") == 3
     mtime = (tmp_path / "out" / "a" / "lookahead.json").stat().st_mtime
     assert main(argv) == 0 and (tmp_path / "out" / "a" / "lookahead.json").stat().st_mtime == mtime  # nothing retrained
+
+
+def test_bench_step_times_both_formulations(tmp_path, capsys):
+    from train.__main__ import main
+
+    out = tmp_path / "s.json"
+    assert main(["bench-step", "--k", "2", "--batch-size", "2", "--seq-len", "16", "--strides", "2,4", "--repeats", "1",
+                 "--single-pass", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["stride"], r["formulation"]) for r in rows} == {(s, f) for s in (2, 4) for f in ("two_pass", "single_pass")}
+    assert all(r["seconds_per_step"] > 0 and r["lookahead_targets_per_second"] > 0 for r in rows)

@@ -1,4 +1,4 @@
-"""python -m train lookahead|pretrain|eval-lookahead|sweep — see `--help` of each."""
+"""python -m train lookahead|pretrain|eval-lookahead|sweep|bench-step — see `--help` of each."""
 
 from __future__ import annotations
 
@@ -13,13 +13,14 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="python -m train", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    from . import eval_lookahead, lookahead, pretrain, sweep
+    from . import eval_lookahead, lookahead, pretrain, step_bench, sweep
     from .common import apply_yaml_defaults
 
     lookahead.add_parser(sub)
     pretrain.add_parser(sub)
     eval_lookahead.add_parser(sub)
     sweep.add_parser(sub)
+    step_bench.add_parser(sub)
     try:
         if argv and argv[0] in sub.choices:
             apply_yaml_defaults(sub.choices[argv[0]], argv[1:])

@@ -1,0 +1,116 @@
+"""python -m train bench-step: time one look-ahead training step (two-pass loss, value and gradient, AdamW).
+
+For each --dtypes and --strides: the median of --repeats steps after a compiled warm-up, on random token
+rows of --batch-size x --seq-len, as sequence tokens per second and look-ahead targets per second.
+--single-pass also times the formulation the two-pass loss replaced (real tokens and blocks in one pass,
+differentiated whole), side by side in the same run. JSON on stdout and in --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench-step", help="time a look-ahead training step", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="base model (default: the embedded demo model; 'smollm2' works too)")
+    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--strides", default="4", help="comma-separated look-ahead strides (default 4)")
+    p.add_argument("--dtypes", default="float32", help="comma-separated base weight dtypes (default float32)")
+    p.add_argument("--deep", type=int, default=0, help="time a deep look-ahead with P prefix pairs per layer")
+    p.add_argument("--single-pass", action="store_true", help="also time the single-pass formulation")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", help="write the JSON here too")
+    p.set_defaults(func=run)
+
+
+def _single_pass_loss(lookahead, params, cfg, tokens, layout):
+    """Cross-entropy of every block computed in one pass over [real tokens, blocks] (the old formulation)."""
+    import jax
+    import jax.numpy as jnp
+
+    from pass_jax.cache import KVCache
+    from pass_jax.model import embed_tokens, forward, logits_from_hidden
+
+    positions, mask, target_idx = (jnp.asarray(a) for a in layout.arrays())
+    b, n = tokens.shape[0], target_idx.shape[0]
+    blocks = jnp.broadcast_to(jnp.tile(lookahead, (n // layout.k, 1)), (b, n, lookahead.shape[1]))
+    embeds = jnp.concatenate([embed_tokens(params, tokens), blocks], 1)
+    t = embeds.shape[1]
+    hidden, _ = forward(params, cfg, embeds, jnp.broadcast_to(positions, (b, t)), jnp.broadcast_to(mask, (b, t, t)),
+                        KVCache.create(cfg, b, t, params["embed"].dtype))
+    logp = jax.nn.log_softmax(logits_from_hidden(params, hidden[:, layout.seq_len:]), -1)
+    return -jnp.mean(jnp.take_along_axis(logp, tokens[:, target_idx][..., None], -1))
+
+
+def _time_step(loss_fn, la, params, tokens, repeats: int) -> float:
+    import jax
+    import numpy as np
+    import optax
+
+    tx = optax.adamw(1e-2)
+
+    @jax.jit
+    def step(la, opt_state, params, tokens):
+        value, grad = jax.value_and_grad(loss_fn)(la, params, tokens)
+        updates, opt_state = tx.update(grad, opt_state, la)
+        return optax.apply_updates(la, updates), opt_state, value
+
+    state = (la, tx.init(la))
+    jax.block_until_ready(step(*state, params, tokens))  # compile and warm up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(step(*state, params, tokens))
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def run(args) -> int:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from infer.options import with_demo_defaults
+    from pass_jax import load_model, untrained_lookahead
+    from pass_jax.lookahead import check_k, init_deep
+    from pass_jax.training import TrainLayout, lookahead_loss
+
+    k = check_k(args.k)
+    path = with_demo_defaults(args.model, None)[0]
+    rows = []
+    for dtype in args.dtypes.split(","):
+        model = load_model(path, dtype=dtype)
+        cfg, params = model.config, model.params
+        la = untrained_lookahead(model, k)
+        if args.deep:
+            la = init_deep(la, cfg, args.deep)
+        tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch_size, args.seq_len)))
+        for stride in (int(s) for s in args.strides.split(",")):
+            layout = TrainLayout(args.seq_len, k, stride)
+            targets = args.batch_size * len(layout.points) * k
+            runs = {"two_pass": lambda la, p, x, layout=layout, cfg=cfg: lookahead_loss(la, p, cfg, x, layout, "ce")}
+            if args.single_pass and not args.deep:
+                runs["single_pass"] = lambda la, p, x, layout=layout, cfg=cfg: _single_pass_loss(la, p, cfg, x, layout)
+            for name, fn in runs.items():
+                secs = _time_step(fn, la, params, tokens, args.repeats)
+                row = {"dtype": dtype, "stride": stride, "formulation": name, "seconds_per_step": secs,
+                       "tokens_per_second": args.batch_size * args.seq_len / secs,
+                       "lookahead_targets_per_second": targets / secs}
+                rows.append(row)
+                print(json.dumps(row), file=sys.stderr, flush=True)
+    result = {"model": path, "k": k, "deep": args.deep, "batch_size": args.batch_size, "seq_len": args.seq_len,
+              "command": "python -m train " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("__main__.py") else None,
+              "machine": {"jax": jax.__version__, "device": str(jax.devices()[0])}, "rows": rows}
+    text = json.dumps(result, indent=2)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    print(text)
+    return 0
