@@ -49,6 +49,8 @@ def truncate(completion: str) -> str:
 def _complete(model, prompts, args, **kw):
     """Completions in the prompts' order. Batches are formed from length-sorted prompts padded to a multiple
     of 128 tokens, so a handful of compiled programs serve all of HumanEval (and no batch drags a long tail)."""
+    from tqdm import tqdm
+
     from pass_jax import generate
     from pass_jax.api import _tokenize
 
@@ -57,7 +59,9 @@ def _complete(model, prompts, args, **kw):
     ids = _tokenize(model, prompts)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     texts, seconds, tokens, passes = [None] * len(ids), 0.0, 0, 0
-    for s in range(0, len(order), args.batch_size):  # warm: no timed run is a first execution
+    batches = range(0, len(order), args.batch_size)
+    for s in tqdm(batches, desc=kw.get("method", "ar"), unit="batch", leave=False, file=sys.stderr):
+        # warm: no timed run is a first execution
         rows = order[s:s + args.batch_size]
         pad = -(-max(len(ids[i]) for i in rows) // 128) * 128
         res = warm(lambda rows=rows, pad=pad, s=s: generate(
