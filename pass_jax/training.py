@@ -2,9 +2,9 @@
 
 For a sequence x_0..x_{L-1} and insertion point t, look-ahead i (1-based) sits at RoPE position t + i,
 sees x_0..x_t and the block's look-aheads 1..i, and learns to predict x_{t+1+i}: exactly the layout
-the decoder uses (`decode.block_layout`). Every block is appended after the real tokens, so one
-pass trains |points| * k look-aheads. Only the [k, d_model] leaf is differentiated: base weights are
-plain inputs and get no gradient buffers.
+the decoder uses (`decode.block_layout`). Every block is appended after the real tokens, so one step
+trains |points| * k look-aheads (the real tokens run once, without gradient; see `lookahead_loss`).
+Only the look-ahead leaf is differentiated: base weights are plain inputs and get no gradient buffers.
 """
 
 from __future__ import annotations
