@@ -88,26 +88,9 @@ def test_two_pass_loss_and_gradient_equal_one_pass_over_everything(loss):
 
 
 def _one_pass_loss(la, m, tokens, layout, loss, decay, target_mask):
-    """The loss as one pass over [real tokens, every block]: what training computed before the two-pass split
-    (a deep look-ahead's prefix seen by the block rows only)."""
-    la, prefix = (la.embeds, la.prefix) if isinstance(la, pj.DeepLookahead) else (la, None)
-    positions, mask, target_idx = layout.arrays()
-    b, n = tokens.shape[0], len(target_idx)
-    embeds = jnp.concatenate([embed_tokens(m.params, tokens), jnp.broadcast_to(jnp.tile(la, (n // layout.k, 1)),
-                                                                               (b, n, la.shape[1]))], 1)
-    t = embeds.shape[1]
-    rows = jnp.broadcast_to(jnp.arange(t) >= layout.seq_len, (b, t))
-    hidden, _ = forward(m.params, m.config, embeds, jnp.broadcast_to(positions, (b, t)),
-                        jnp.broadcast_to(mask, (b, t, t)), KVCache.create(m.config, b, t), prefix=prefix,
-                        prefix_rows=rows)
-    student = jax.nn.log_softmax(logits_from_hidden(m.params, hidden[:, layout.seq_len:]), -1)
-    if loss == "ce":
-        per = -jnp.take_along_axis(student, tokens[:, target_idx][..., None], -1)[..., 0]
-    else:
-        teacher = jax.lax.stop_gradient(jax.nn.log_softmax(logits_from_hidden(m.params, hidden[:, target_idx - 1]), -1))
-        per = jnp.sum(jnp.exp(teacher) * (teacher - student), -1)
-    w = decay ** np.tile(np.arange(layout.k), n // layout.k) * np.asarray(target_mask)[:, target_idx]
-    return jnp.sum(per * w) / np.sum(w)
+    from train.step_bench import one_pass_loss
+
+    return one_pass_loss(la, m.params, m.config, tokens, layout, loss, decay, target_mask)
 
 
 @pytest.fixture(scope="module")

@@ -30,23 +30,36 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _single_pass_loss(lookahead, params, cfg, tokens, layout):
-    """Cross-entropy of every block computed in one pass over [real tokens, blocks] (the old formulation)."""
+def one_pass_loss(lookahead, params, cfg, tokens, layout, loss="ce", decay=1.0, target_mask=None):
+    """The look-ahead loss as one pass over [real tokens, every block], differentiated whole: what
+    `training.lookahead_loss` computed before its two-pass split (timed here, and the reference its
+    tests compare against; a deep look-ahead's prefix is seen by the block rows only)."""
     import jax
     import jax.numpy as jnp
 
     from pass_jax.cache import KVCache
+    from pass_jax.lookahead import split_lookahead
     from pass_jax.model import embed_tokens, forward, logits_from_hidden
 
+    lookahead, prefix = split_lookahead(lookahead)
     positions, mask, target_idx = (jnp.asarray(a) for a in layout.arrays())
     b, n = tokens.shape[0], target_idx.shape[0]
     blocks = jnp.broadcast_to(jnp.tile(lookahead, (n // layout.k, 1)), (b, n, lookahead.shape[1]))
     embeds = jnp.concatenate([embed_tokens(params, tokens), blocks], 1)
     t = embeds.shape[1]
     hidden, _ = forward(params, cfg, embeds, jnp.broadcast_to(positions, (b, t)), jnp.broadcast_to(mask, (b, t, t)),
-                        KVCache.create(cfg, b, t, params["embed"].dtype))
-    logp = jax.nn.log_softmax(logits_from_hidden(params, hidden[:, layout.seq_len:]), -1)
-    return -jnp.mean(jnp.take_along_axis(logp, tokens[:, target_idx][..., None], -1))
+                        KVCache.create(cfg, b, t, params["embed"].dtype), prefix=prefix,
+                        prefix_rows=jnp.broadcast_to(jnp.arange(t) >= layout.seq_len, (b, t)))
+    student = jax.nn.log_softmax(logits_from_hidden(params, hidden[:, layout.seq_len:]), -1)
+    if loss == "ce":
+        per = -jnp.take_along_axis(student, tokens[:, target_idx][..., None], -1)[..., 0]
+    else:
+        teacher = jax.lax.stop_gradient(jax.nn.log_softmax(logits_from_hidden(params, hidden[:, target_idx - 1]), -1))
+        per = jnp.sum(jnp.exp(teacher) * (teacher - student), -1)
+    weight = jnp.broadcast_to(decay ** jnp.tile(jnp.arange(layout.k), n // layout.k), (b, n))
+    if target_mask is not None:
+        weight = weight * jnp.asarray(target_mask)[:, target_idx]
+    return jnp.sum(per * weight) / jnp.sum(weight)
 
 
 def _time_step(loss_fn, la, params, tokens, repeats: int) -> float:
@@ -97,7 +110,7 @@ def run(args) -> int:
             targets = args.batch_size * len(layout.points) * k
             runs = {"two_pass": lambda la, p, x, layout=layout, cfg=cfg: lookahead_loss(la, p, cfg, x, layout, "ce")}
             if args.single_pass and not args.deep:
-                runs["single_pass"] = lambda la, p, x, layout=layout, cfg=cfg: _single_pass_loss(la, p, cfg, x, layout)
+                runs["single_pass"] = lambda la, p, x, layout=layout, cfg=cfg: one_pass_loss(la, p, cfg, x, layout)
             for name, fn in runs.items():
                 secs = _time_step(fn, la, params, tokens, args.repeats)
                 row = {"dtype": dtype, "stride": stride, "formulation": name, "seconds_per_step": secs,
