@@ -12,6 +12,9 @@ Suites (each writes JSON to --out and prints a table):
   speed     --model M (or --models presets), per --dtypes: batch-1 autoregressive ms/token beside transformers
             and the weight-streaming floor ("rows"), and the cost of a pass over T = 1..64 tokens with a
             warm cache of 256 as a ratio to the fastest 1-token pass of any dtype ("passes").
+  matrices  --model M (or --models), at --dtype: where a pass's time goes for T = 1..16 tokens: the
+            layer matrices as a dependent chain and as independent products, the head, the whole pass
+            (infer/bench_matrices.py).
 """
 
 from __future__ import annotations
@@ -28,13 +31,15 @@ from pathlib import Path
 
 import numpy as np
 
+from .bench_matrices import suite_matrices
+
 PRESETS = files("infer") / "data" / "models.yaml"  # package data: found from any install
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmark decoding on random LLaMA configs", description=__doc__,
                        formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
-    p.add_argument("--suite", choices=["decode", "passes", "overhead", "methods", "speed"], default="decode",
+    p.add_argument("--suite", choices=["decode", "passes", "overhead", "methods", "speed", "matrices"], default="decode",
                    help="methods: every decoding method on --model's prompts (see its options below); speed: "
                    "batch-1 decoding against its floor and pass cost by T, per --dtypes, on --model or --models")
     p.add_argument("--method", choices=["ar"], default="ar", help="decode suite: the method measured (ar)")
@@ -278,7 +283,8 @@ def suite_speed(args, names):
 SUITES = {"decode": (suite_decode, "llama-7m,llama-35m,llama-120m"),
           "passes": (suite_passes, "llama-35m,llama-120m"),
           "overhead": (suite_overhead, "llama-12m,llama-35m,llama-120m"),
-          "speed": (suite_speed, "llama-120m")}
+          "speed": (suite_speed, "llama-120m"),
+          "matrices": (suite_matrices, "llama-120m")}
 
 
 def _log(row: dict) -> None:
@@ -296,7 +302,7 @@ def run(args) -> int:
         from .bench_methods import run_methods_bench
 
         fn, default = (lambda a, _names: run_methods_bench(a)), ""
-    elif args.model and args.suite != "speed":
+    elif args.model and args.suite not in ("speed", "matrices"):
         from .bench_model import run_model_bench
 
         fn, default = (lambda a, _names: run_model_bench(a)), ""
@@ -306,7 +312,7 @@ def run(args) -> int:
     unknown = [n for n in names if n not in presets()]
     if unknown:
         raise ValueError(f"unknown model presets {unknown}; known: {', '.join(presets())}")
-    result = {"suite": "model" if args.model and args.suite not in ("methods", "speed") else args.suite,
+    result = {"suite": "model" if args.model and args.suite not in ("methods", "speed", "matrices") else args.suite,
               "dtype": args.dtype, "new_tokens": args.new_tokens, "repeats": args.repeats,
               "command": "python -m infer " + shlex.join(sys.argv[1:]) if sys.argv[0].endswith("__main__.py") else None,
               "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "jax": jax.__version__,

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 import pass_jax as pj
 from infer.__main__ import main
 from pass_jax.checkpoint import save_lookahead
@@ -100,6 +102,23 @@ def test_humaneval_chat_mode_uses_the_chat_template(tmp_path, capsys):
     assert code == 0 and res["chat"] is True and res["identical_to_ar"] is True and "pass@1" in res["ar"]
     assert main(["humaneval", "--chat", "--limit", "1", "--out", str(tmp_path / "x")]) == 2  # demo: no template
     assert "no chat template" in capsys.readouterr().err
+
+
+def test_matrices_suite_splits_each_pass_width(tmp_path, capsys):
+    from infer.bench import presets
+    from infer.bench_matrices import MATRIX_TOKENS
+
+    assert main(["bench", "--suite", "matrices", "--models", "tiny", "--repeats", "1", "--out",
+                 str(tmp_path / "m.json")]) == 0
+    res = json.loads((tmp_path / "m.json").read_text())
+    assert res["suite"] == "matrices" and [r["tokens"] for r in res["rows"]] == list(MATRIX_TOKENS)
+    c = presets()["llama-tiny"]
+    per_layer = c["hidden_size"] * ((c["num_heads"] + 2 * c["num_kv_heads"]) * c["head_dim"] + 2 * c["intermediate_size"]) \
+        + c["num_heads"] * c["head_dim"] * c["hidden_size"] + c["intermediate_size"] * c["hidden_size"]
+    for r in res["rows"]:
+        assert min(r["chain_ms"], r["independent_ms"], r["head_ms"], r["pass_ms"]) > 0
+        assert r["layer_floor_ms"] * res["stream_rate_gb_s"] * 1e6 == pytest.approx(4 * c["num_layers"] * per_layer)
+    capsys.readouterr()
 
 
 def test_speed_suite_measures_every_dtype_and_pass_width(tmp_path, capsys):
