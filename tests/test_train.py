@@ -190,6 +190,36 @@ def test_training_commands_share_common_without_importing_each_other():
     assert not {"lookahead", "pretrain"} & imported("common")
 
 
+def test_self_data_generation_killed_midway_resumes_where_it_stopped(tmp_path, monkeypatch):
+    import argparse
+
+    from train.lookahead import _self_data
+
+    m = tiny_model(vocab=23, layers=1, scale=0.5)
+    args = argparse.Namespace(self_data=None, seq_len=10, self_samples=20, self_prompts=["random"], seed=1,
+                              self_temperature=0.0, chat=False, quiet=True, model="tiny")
+    (tmp_path / "straight").mkdir()
+    straight, straight_mask = _self_data(m, args, tmp_path / "straight")
+    calls, real = [], pj.generate
+
+    def dies_on_the_third_batch(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    (tmp_path / "killed").mkdir()
+    monkeypatch.setattr(pj, "generate", dies_on_the_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        _self_data(m, args, tmp_path / "killed")
+    assert not (tmp_path / "killed" / "self_data.npz").exists()
+    calls.clear()
+    tokens, mask = _self_data(m, args, tmp_path / "killed")  # batches of 8: 2 done, 1 left
+    assert len(calls) == 1 and not list((tmp_path / "killed").glob("self_data.partial*"))
+    np.testing.assert_array_equal(tokens, straight)
+    np.testing.assert_array_equal(mask, straight_mask)
+
+
 def test_self_data_is_the_models_own_greedy_continuation_and_only_it_is_a_target(tmp_path):
     import argparse
 

@@ -88,7 +88,8 @@ RUN_KEYS = ("data", "k", "steps", "batch_size", "seq_len", "stride", "loss", "de
 def _self_data(model, args, out: Path) -> tuple[np.ndarray, np.ndarray]:
     """Rows [N, seq_len] of prompt + the model's own continuation, and a mask of the continuation tokens
     (the only targets). Generated once with the lossless n-gram decoder and cached in --out, so a
-    resume (or a rerun of the same recipe) reuses them.
+    resume (or a rerun of the same recipe) reuses them; a run killed while generating them resumes
+    after the last finished batch.
     """
     from tqdm import tqdm
 
@@ -118,8 +119,15 @@ def _self_data(model, args, out: Path) -> tuple[np.ndarray, np.ndarray]:
     eos = tuple(model.config.eos_token_ids or ())
     tokens = np.zeros((len(ids), L), np.int32)
     mask = np.zeros((len(ids), L), bool)
-    batch = 8
-    for i in tqdm(range(0, len(ids), batch), desc="self-data", unit="batch", file=sys.stderr, disable=args.quiet):
+    batch, start = 8, 0
+    # rows done so far, saved after every batch: a run killed while generating resumes where it stopped
+    partial = out / f"self_data.partial.{jax_process_index()}.npz"
+    if partial.is_file():
+        data = np.load(partial)
+        if data["tokens"].shape == tokens.shape:
+            tokens, mask, start = data["tokens"], data["mask"], int(data["done"])
+    for i in tqdm(range(start, len(ids), batch), desc="self-data", unit="batch", file=sys.stderr,
+                  disable=args.quiet, initial=start // batch, total=-(-len(ids) // batch)):
         chunk = ids[i:i + batch]
         res = generate(model, chunk, max_new_tokens=L - min(map(len, chunk)), method="ngram",
                        temperature=args.self_temperature, seed=args.seed + i, eos_token_id=eos)
@@ -128,10 +136,16 @@ def _self_data(model, args, out: Path) -> tuple[np.ndarray, np.ndarray]:
             tokens[i + r, :len(row)] = row
             tokens[i + r, len(row):] = eos[0] if eos else 0
             mask[i + r, len(p):len(row)] = True
-    tmp = out / f"self_data.{os.getpid()}.{jax_process_index()}.npz"
-    np.savez(tmp, tokens=tokens, mask=mask)
-    os.replace(tmp, path)  # atomic: processes of a multi-process run write identical data
+        _save_atomic(partial, tokens=tokens, mask=mask, done=i + len(chunk))
+    _save_atomic(path, tokens=tokens, mask=mask)  # processes of a multi-process run write identical data
+    partial.unlink(missing_ok=True)
     return tokens, mask
+
+
+def _save_atomic(path: Path, **arrays) -> None:
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
 
 
 def _host(lookahead):
