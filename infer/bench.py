@@ -241,7 +241,8 @@ def suite_overhead(args, names):
 SPEED_TOKENS = (1, 2, 4, 8, 16, 32, 64)
 
 
-def suite_speed(args, names):
+def model_loaders(args, names) -> list:
+    """[(name, load(dtype))]: --model when given, else the named random presets."""
     from functools import partial
 
     from pass_jax import load_model
@@ -250,11 +251,13 @@ def suite_speed(args, names):
 
     if args.model:
         path = with_demo_defaults(args.model, None)[0]
-        loaders = [(args.model, lambda dtype: load_model(path, dtype=dtype))]
-    else:
-        loaders = [(name, partial(random_model, name)) for name in names]
+        return [(args.model, lambda dtype: load_model(path, dtype=dtype))]
+    return [(name, partial(random_model, name)) for name in names]
+
+
+def suite_speed(args, names):
     rows, passes, rate = [], [], stream_rate()
-    for name, load in loaders:
+    for name, load in model_loaders(args, names):
         for dtype in args.dtypes.split(","):
             model = load(dtype)
             prompts = _prompts(1, model.config.vocab_size)

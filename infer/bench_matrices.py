@@ -58,19 +58,12 @@ def _head(params, rows: int, d: int):
 
 
 def suite_matrices(args, names):
-    from pass_jax import load_model
+    from .bench import _log, _median_time, _pass_ms, model_loaders, stream_rate
 
-    from .bench import _median_time, _pass_ms, random_model, stream_rate
-    from .options import with_demo_defaults
-
-    if args.model:
-        loaders = [(args.model, lambda: load_model(with_demo_defaults(args.model, None)[0], dtype=args.dtype))]
-    else:
-        loaders = [(name, lambda name=name: random_model(name, args.dtype)) for name in names]
     rate, rows = stream_rate(), []
     repeats = max(args.repeats, 5)
-    for name, load in loaders:
-        model = load()
+    for name, load in model_loaders(args, names):
+        model = load(args.dtype)
         cfg, params = model.config, model.params
         layer_bytes = sum(w.nbytes for layer in params["layers"] for w in layer.values() if w.ndim == 2)
         for t in MATRIX_TOKENS:
@@ -82,6 +75,5 @@ def suite_matrices(args, names):
                    "layer_floor_ms": layer_bytes / rate * 1e3}
             row["outside_matrices_ms"] = row["pass_ms"] - row["chain_ms"] - row["head_ms"]
             rows.append(row)
-            print("  ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
-                  flush=True)
+            _log(row)
     return {"stream_rate_gb_s": rate / 1e9, "context": 256, "batch": 1, "rows": rows}
