@@ -103,22 +103,33 @@ def stream_rate(repeats: int = 20) -> float:
     return w.nbytes / _median_time(lambda: f(x, w).block_until_ready(), repeats)
 
 
+def torch_device() -> str:
+    """Where the PyTorch reference runs: the GPU when JAX runs on one too, so both sides share a machine."""
+    import jax
+    import torch
+
+    return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+
+
 def _torch_ms_per_token(model, prompts, new_tokens: int, repeats: int) -> float:
     import torch
     from transformers import AutoModelForCausalLM
 
     from pass_jax import save_model
 
+    device = torch_device()
     with tempfile.TemporaryDirectory() as d:
         save_model(model, d)
         ref = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32 if model.dtype == "float32"
-                                                   else torch.bfloat16).eval()
-    ids = torch.tensor(prompts)
+                                                   else torch.bfloat16).eval().to(device)
+    ids = torch.tensor(prompts, device=device)
 
     def run():
         with torch.no_grad():
             ref.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                          pad_token_id=0, eos_token_id=None)
+        if device == "cuda":
+            torch.cuda.synchronize()
 
     run()
     return _median_time(run, repeats) / new_tokens * 1e3
@@ -267,6 +278,7 @@ def suite_speed(args, names):
             if not args.no_torch:
                 row["torch_ms_per_token"] = _torch_ms_per_token(model, prompts, args.new_tokens, args.repeats)
                 row["speedup_vs_torch"] = row["torch_ms_per_token"] / ms
+                row["torch_device"] = torch_device()
             row["floor_ms"] = _floor_ms(model, rate)
             row["ratio_to_floor"] = ms / row["floor_ms"]
             rows.append(row)
@@ -311,7 +323,8 @@ def run(args) -> int:
         fn, default = (lambda a, _names: run_model_bench(a)), ""
     else:
         fn, default = SUITES[args.suite]
-    names = [n if n.startswith("llama-") else f"llama-{n}" for n in (args.models or default).split(",") if n]
+    names = [n if n in presets() or n.startswith("llama-") else f"llama-{n}" for n in (args.models or default).split(",")
+             if n]
     unknown = [n for n in names if n not in presets()]
     if unknown:
         raise ValueError(f"unknown model presets {unknown}; known: {', '.join(presets())}")
@@ -319,7 +332,8 @@ def run(args) -> int:
               "dtype": args.dtype, "new_tokens": args.new_tokens, "repeats": args.repeats,
               "command": "python -m infer " + shlex.join(sys.argv[1:]) if sys.argv[0].endswith("__main__.py") else None,
               "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "jax": jax.__version__,
-                          "device": str(jax.devices()[0]), "mesh": mesh_arg},
+                          "device": str(jax.devices()[0]),
+                          "device_kind": jax.devices()[0].device_kind, "mesh": mesh_arg},
               **fn(args, names)}
     text = json.dumps(result, indent=2)
     if args.out:
