@@ -26,7 +26,9 @@ def init_lookahead(params: dict, k: int, how: str = "token", token_id: int = 0, 
     """[k, d_model] float32 look-ahead embeddings.
 
     how="token": k copies of one token's embedding (the paper's untrained baseline, an [UNK]-like
-    token); how="random": normal draws scaled to the token embeddings' standard deviation.
+    token); how="mean": k copies of the mean token embedding, a start that reads the context (an
+    UNK-like token that doubles as the end-of-text separator, as in SmolLM2, tells the model to ignore
+    it); how="random": normal draws scaled to the token embeddings' standard deviation.
     """
     k = check_k(k)
     embed = params["embed"]
@@ -34,11 +36,13 @@ def init_lookahead(params: dict, k: int, how: str = "token", token_id: int = 0, 
         if not 0 <= token_id < embed.shape[0]:
             raise ValueError(f"token_id {token_id} is outside the vocabulary (size {embed.shape[0]})")
         return jnp.tile(embed[token_id].astype(jnp.float32)[None], (k, 1))
+    if how == "mean":
+        return jnp.tile(jnp.mean(embed.astype(jnp.float32), 0)[None], (k, 1))
     if how == "random":
         key = jax.random.key(0) if key is None else key
         std = jnp.std(embed.astype(jnp.float32))
         return std * jax.random.normal(key, (k, embed.shape[1]), jnp.float32)
-    raise ValueError(f"unknown look-ahead initialisation {how!r}: use 'token' or 'random'")
+    raise ValueError(f"unknown look-ahead initialisation {how!r}: use 'token', 'mean' or 'random'")
 
 
 @struct.dataclass

@@ -20,8 +20,9 @@ from .cache import KVCache
 from .config import ModelConfig
 from .lookahead import split_lookahead
 from .model import embed_tokens, forward, logits_from_hidden
+from .sampling import top_k
 
-LOSSES = ("ce", "distill")
+LOSSES = ("ce", "distill", "topc")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,13 +61,16 @@ class TrainLayout:
 
 
 def lookahead_loss(lookahead, params, cfg: ModelConfig, tokens, layout: TrainLayout, loss: str = "ce",
-                   decay: float = 1.0, target_mask=None):
+                   decay: float = 1.0, target_mask=None, top_c: tuple[int, ...] | None = None):
     """Mean loss of the look-ahead predictions over a batch of token sequences [B, L].
 
     lookahead: [k, D] embeddings or a DeepLookahead (then its prefix is trained too).
     "ce": cross-entropy against the future tokens (on the model's own greedy continuations these are
     exactly what greedy verification accepts); "distill": KL from the base model's own next-token
-    distribution at each future position to the look-ahead's. Look-ahead i is weighted decay**(i-1)
+    distribution at each future position to the look-ahead's; "topc": a smooth hinge that asks only that
+    the target rank among look-ahead i's top_c[i] tokens (what a tree with top_c[i] candidates at depth
+    i accepts; default 1 each: the chain), softplus(c-th best other logit - target logit) added to the
+    cross-entropy, which keeps the rest of the distribution in shape. Look-ahead i is weighted decay**(i-1)
     (deep look-aheads are rarely reached); target_mask [B, L] drops targets that are not the model's
     own tokens (prompts, padding after EOS).
 
@@ -80,6 +84,8 @@ def lookahead_loss(lookahead, params, cfg: ModelConfig, tokens, layout: TrainLay
     if loss not in LOSSES or length != layout.seq_len or lookahead.shape[0] != layout.k:
         raise ValueError(f"need loss in {LOSSES}, tokens of length {layout.seq_len} and {layout.k} look-aheads "
                          f"(got {loss!r}, {length}, {lookahead.shape[0]})")
+    if top_c is not None and len(top_c) != layout.k:
+        raise ValueError(f"top_c needs one width per look-ahead ({layout.k}), got {tuple(top_c)}")
     positions, mask, target_idx = (jnp.asarray(a) for a in layout.arrays())
     n = target_idx.shape[0]
     params = jax.lax.stop_gradient(params)
@@ -93,8 +99,10 @@ def lookahead_loss(lookahead, params, cfg: ModelConfig, tokens, layout: TrainLay
                            visible=jnp.broadcast_to(mask[length:], (b, n, length + n)), prefix=prefix,
                            prefix_rows=None if prefix is None else jnp.ones((b, n), bool))
     student = jax.nn.log_softmax(logits_from_hidden(params, la_hidden), -1)  # [B, n, V]
-    if loss == "ce":
+    if loss in ("ce", "topc"):
         per_target = -jnp.take_along_axis(student, tokens[:, target_idx][..., None], -1)[..., 0]
+        if loss == "topc":
+            per_target = per_target + _top_c_hinge(student, tokens[:, target_idx], top_c or (1,) * layout.k)
     else:
         teacher = jax.nn.log_softmax(jax.lax.stop_gradient(logits_from_hidden(params, hidden[:, target_idx - 1])), -1)
         per_target = jnp.sum(jnp.exp(teacher) * (teacher - student), -1)
@@ -105,7 +113,24 @@ def lookahead_loss(lookahead, params, cfg: ModelConfig, tokens, layout: TrainLay
     return jnp.sum(per_target * weight) / jnp.maximum(jnp.sum(weight), 1e-9)
 
 
-def make_train_step(cfg: ModelConfig, layout: TrainLayout, loss: str, tx, replicated=None, decay: float = 1.0):
+def _top_c_hinge(scores, targets, top_c):
+    """softplus(c-th best non-target score - target score) per target: near 0 once the target is in the top c.
+
+    scores [B, n, V] with n = points * k; look-ahead i uses c = top_c[i].
+    """
+    k = len(top_c)
+    if min(top_c) < 1:
+        raise ValueError(f"top_c needs positive widths, got {top_c}")
+    is_target = jax.nn.one_hot(targets, scores.shape[-1], dtype=bool)
+    best = top_k(jnp.where(is_target, -jnp.inf, scores), max(top_c))[0]  # [B, n, max c]
+    c = jnp.tile(jnp.asarray(top_c, jnp.int32) - 1, scores.shape[1] // k)
+    kth = jnp.take_along_axis(best, jnp.broadcast_to(c[None, :, None], best.shape[:2] + (1,)), -1)[..., 0]
+    own = jnp.take_along_axis(scores, targets[..., None], -1)[..., 0]
+    return jax.nn.softplus(kth - own)
+
+
+def make_train_step(cfg: ModelConfig, layout: TrainLayout, loss: str, tx, replicated=None, decay: float = 1.0,
+                    top_c: tuple[int, ...] | None = None):
     """A jitted step(leaf, opt_state, params, tokens, target_mask=None) -> (leaf, opt_state, loss) on the leaf only.
 
     `replicated` (a NamedSharding) keeps leaf and optimizer state replicated on a mesh, where GSPMD
@@ -113,7 +138,7 @@ def make_train_step(cfg: ModelConfig, layout: TrainLayout, loss: str, tx, replic
     """
     def step(lookahead, opt_state, params, tokens, target_mask=None):
         value, grad = jax.value_and_grad(lookahead_loss)(lookahead, params, cfg, tokens, layout, loss, decay,
-                                                         target_mask)
+                                                         target_mask, top_c)
         updates, opt_state = tx.update(grad, opt_state, lookahead)
         return optax.apply_updates(lookahead, updates), opt_state, value
 

@@ -35,7 +35,7 @@ def test_model_bench_end_to_end(tmp_path, capsys):
 
 def test_random_config_suites_run(tmp_path):
     for suite in ("passes", "overhead"):
-        assert main(["bench", "--suite", suite, "--models", "7m", "--new-tokens", "4", "--repeats", "1",
+        assert main(["bench", "--suite", suite, "--models", "tiny", "--new-tokens", "4", "--repeats", "1",
                      "--out", str(tmp_path / f"{suite}.json")]) == 0
         assert json.loads((tmp_path / f"{suite}.json").read_text())["rows"]
 

@@ -45,7 +45,35 @@ def test_training_layout_matches_the_decoder():
         np.testing.assert_allclose(logits_from_hidden(m.params, h[:, point + 1:])[0], trained[j], atol=1e-5)
 
 
-@pytest.mark.parametrize("loss", ["ce", "distill"])
+def test_top_c_hinge_asks_only_for_a_place_among_the_top_c():
+    """softplus(c-th best other score - target score): the target 2nd of 5 satisfies c = 2, not c = 1."""
+    from pass_jax.training import _top_c_hinge
+
+    scores = jnp.asarray([[[5.0, 4.0, 3.0, 2.0, 1.0]] * 2])  # [B=1, n=2 (k=2, one point), V=5]
+    target = jnp.asarray([[1, 1]])
+    np.testing.assert_allclose(_top_c_hinge(scores, target, (2, 1))[0], [np.log1p(np.exp(-1.0)), np.log1p(np.exp(1.0))],
+                               rtol=1e-6)
+    m = tiny_model(vocab=11, layers=1, heads=2, kv_heads=1, scale=0.5)
+    tokens, layout = jnp.asarray(np.arange(24)[None] % 11), TrainLayout(24, 2, 4)
+    la = pj.init_lookahead(m.params, 2, "random")
+    ce = float(lookahead_loss(la, m.params, m.config, tokens, layout, "ce"))
+    wide = float(lookahead_loss(la, m.params, m.config, tokens, layout, "topc", top_c=(10, 10)))
+    assert ce < float(lookahead_loss(la, m.params, m.config, tokens, layout, "topc")) and ce < wide
+    assert wide < float(lookahead_loss(la, m.params, m.config, tokens, layout, "topc", top_c=(1, 1)))
+    with pytest.raises(ValueError, match="one width per look-ahead"):
+        lookahead_loss(la, m.params, m.config, tokens, layout, "topc", top_c=(3,))
+
+
+def test_mean_init_is_every_token_embeddings_mean():
+    """--init mean: a start that is no particular token (SmolLM2's UNK-like token is its end-of-text separator)."""
+    m = tiny_model(vocab=13, layers=1, heads=2, kv_heads=1)
+    la = pj.init_lookahead(m.params, 3, "mean")
+    np.testing.assert_allclose(la, np.tile(np.asarray(m.params["embed"]).mean(0), (3, 1)), rtol=1e-6)
+    with pytest.raises(ValueError, match="'token', 'mean' or 'random'"):
+        pj.init_lookahead(m.params, 3, "zeros")
+
+
+@pytest.mark.parametrize("loss", ["ce", "distill", "topc"])
 def test_only_the_leaf_trains_and_the_loss_falls(loss):
     m = tiny_model(vocab=11, layers=2, heads=4, kv_heads=2, scale=0.5)
     before = jax.tree.map(np.asarray, m.params)
@@ -269,15 +297,21 @@ def test_sweep_trains_each_variant_once_on_shared_data_and_tables_them(tmp_path)
             "--ks", "1,2", "--max-new-tokens", "8", "--ceiling-depth", "1", "--quiet"]
     assert main(argv) == 0
     res = json.loads((tmp_path / "out" / "sweep.json").read_text())
-    assert list(res) == ["untrained", "a", "b"] and all(set(r["by_k"]) == {"1", "2"} for r in res.values())
+    assert list(res) == ["untrained", "untrained mean embedding", "a", "b"]
+    assert all(set(r["by_k"]) == {"1", "2"} for r in res.values())
     assert len(res["untrained"]["ceiling"]) == 1 and res["b"]["recipe"]["loss"] == "distill"
     assert all(r["by_k"]["1"] >= 1 and len(r["top1"]) == 2 for r in res.values())
     assert (tmp_path / "out" / "a" / "self_data.npz").is_file()
     assert not (tmp_path / "out" / "b" / "self_data.npz").exists()  # b trained on a's rows
     assert res["b"]["recipe"]["self_data"].endswith("a/self_data.npz")
-    assert (tmp_path / "out" / "sweep.md").read_text().count("\n| ") == 3
+    assert (tmp_path / "out" / "sweep.md").read_text().count("\n| ") == 4
     mtime = (tmp_path / "out" / "a" / "lookahead.json").stat().st_mtime
     assert main(argv) == 0 and (tmp_path / "out" / "a" / "lookahead.json").stat().st_mtime == mtime  # nothing retrained
+    assert main(argv + ["--rescore", "--tree", "2,1"]) == 0 and (tmp_path / "out" / "a" / "lookahead.json").stat().st_mtime == mtime
+    again = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    assert list(again) == list(res) and all(r["tree"]["widths"] == [2, 1] for r in again.values())
+    assert all(r["tree"]["tokens_per_forward"] >= r["by_k"]["2"] for r in again.values())  # a wider tree accepts more
+    assert "tok/fwd tree 2,1" in (tmp_path / "out" / "sweep.md").read_text()
 
 
 def test_bench_step_times_both_formulations(tmp_path, capsys):

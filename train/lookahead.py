@@ -38,9 +38,12 @@ def add_parser(sub) -> None:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--stride", type=int, default=2, help="a look-ahead block after every N-th token (default 2); "
                    "only the blocks are differentiated, so denser blocks cost less than a longer sequence")
-    p.add_argument("--loss", choices=["ce", "distill"], default="ce",
+    p.add_argument("--loss", choices=["ce", "distill", "topc"], default="ce",
                    help="ce: cross-entropy on the data's next tokens (default; on greedy self-data, the tokens "
-                        "greedy verification accepts); distill: KL to the base model's own next-token distributions")
+                        "greedy verification accepts); distill: KL to the base model's own next-token distributions; "
+                        "topc: ce plus a hinge asking the target into look-ahead i's top --top-c[i] tokens (trees)")
+    p.add_argument("--top-c", type=int, nargs="+", default=None, metavar="C",
+                   help="--loss topc: the tree's candidates per look-ahead, one per look-ahead (default 1 each)")
     p.add_argument("--decay", type=float, default=0.8,
                    help="weight of look-ahead i is DECAY**(i-1): later ones are reached only after earlier ones "
                         "are accepted (default 0.8)")
@@ -49,9 +52,10 @@ def add_parser(sub) -> None:
     p.add_argument("--schedule", choices=["constant", "cosine"], default="cosine")
     p.add_argument("--warmup", type=int, default=10, help="linear warm-up steps")
     p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--init", choices=["token", "random"], default="token",
-                   help="start from copies of an UNK-like token's embedding (default, the untrained baseline) or "
-                        "random vectors")
+    p.add_argument("--init", choices=["token", "mean", "random"], default="mean",
+                   help="mean: copies of the mean token embedding (default); token: of an UNK-like token's "
+                        "embedding (the paper's untrained baseline; SmolLM2's is <|endoftext|>, after which the "
+                        "model ignores the context, and training never recovers); random: random vectors")
     p.add_argument("--deep", type=int, default=0, metavar="P",
                    help="deep look-ahead: also train P key/value pairs per layer that only look-ahead positions "
                         "attend to (real tokens never see them: decoding stays exact); 0 = plain (default)")
@@ -82,7 +86,7 @@ def add_parser(sub) -> None:
 
 
 RUN_KEYS = ("data", "k", "steps", "batch_size", "seq_len", "stride", "loss", "decay", "lr", "schedule", "warmup",
-            "weight_decay", "init", "deep", "seed", "self_prompts", "chat", "self_samples", "self_temperature", "dtype")
+            "weight_decay", "init", "deep", "top_c", "seed", "self_prompts", "chat", "self_samples", "self_temperature", "dtype")
 
 
 def _self_data(model, args, out: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -232,7 +236,7 @@ def run(args) -> int:
     if args.init == "token":
         la = untrained_lookahead(model, k)
     else:
-        la = init_lookahead(model.params, k, "random", key=jax.random.key(args.seed))
+        la = init_lookahead(model.params, k, args.init, key=jax.random.key(args.seed))
     if args.deep:
         la = init_deep(la, model.config, args.deep, jax.random.key(args.seed + 1))
     state = {"lookahead": la, "opt_state": tx.init(la)}
@@ -242,8 +246,11 @@ def run(args) -> int:
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the mesh's data axis ({data})")
     params = shard_params(model.params, model.config, mesh)  # the declared layout (sharding.LOGICAL_RULES)
     state = replicate(state, mesh)
+    if args.top_c is not None and (args.loss != "topc" or len(args.top_c) != k or min(args.top_c) < 1):
+        raise ValueError(f"--top-c goes with --loss topc and takes {k} positive widths (one per look-ahead), "
+                         f"got {args.top_c}")
     train_step = make_train_step(model.config, layout, args.loss, tx, NamedSharding(mesh, PartitionSpec()),
-                                 decay=args.decay)
+                                 decay=args.decay, top_c=None if args.top_c is None else tuple(args.top_c))
 
     manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
     start = 0

@@ -5,8 +5,9 @@ Each variant trains into OUT/<name> (a killed sweep resumes: finished variants a
 one continues from its checkpoint), then `eval-lookahead`'s diagnostics score it on --prompts, which no
 variant trains on: top-1/5/10 agreement by look-ahead position and the expected tokens per forward of
 chain drafting for every k in --ks (a look-ahead block is causal, so the first k of a trained leaf are a
-valid k-block). The untrained baseline and the ceiling come first. Writes OUT/sweep.json and a
-markdown table OUT/sweep.md.
+valid k-block), and with --tree those of a tree's look-ahead candidates. The untrained baselines (the
+UNK-like token, the mean embedding) and the ceiling come first. Writes OUT/sweep.json and a markdown
+table OUT/sweep.md.
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ def add_parser(sub) -> None:
     p.add_argument("--ks", default="1,2,4", help="chain lengths to score (default 1,2,4)")
     p.add_argument("--max-new-tokens", type=int, default=96, help="greedy continuation per evaluation prompt")
     p.add_argument("--ceiling-depth", type=int, default=2)
+    p.add_argument("--tree", help="also score tree drafting with these look-ahead widths, e.g. 3,1 (the top 3 of "
+                   "look-ahead 1, the top 1 of look-ahead 2)")
+    p.add_argument("--rescore", action="store_true", help="score the baselines and every variant again (after "
+                   "changing --prompts or --tree); finished variants are not retrained")
     p.add_argument("--only", nargs="+", help="run only these variants (default: all)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run)
@@ -71,6 +76,7 @@ def run(args) -> int:
     from pass_jax.api import _tokenize
     from pass_jax.checkpoint import load_lookahead
     from pass_jax.diagnostics import evaluate
+    from pass_jax.lookahead import init_lookahead
 
     spec = yaml.safe_load(Path(args.recipes).read_text()) or {}
     base, variants = spec.get("base", {}), spec.get("variants", [])
@@ -88,22 +94,37 @@ def run(args) -> int:
     ids += [p for path in args.chat_prompts for p in _tokenize(model, read_prompts(path), chat=True)]
     cont = generate(model, ids, max_new_tokens=args.max_new_tokens, eos_token_id=()).token_ids
 
+    widths = tuple(int(w) for w in args.tree.split(",")) if args.tree else None
+    if widths and (len(widths) > ks[-1] or min(widths) < 1):
+        raise ValueError(f"--tree takes up to {ks[-1]} positive widths (the largest of --ks), got {args.tree!r}")
+
     def score(la, ceiling: bool) -> dict:
         row = {"by_k": {}}
         for k in ks:
             if k > la.shape[0]:
                 continue
-            res = evaluate(model.params, model.config, la[:k], ids, cont,
+            last = k == min(ks[-1], la.shape[0])
+            res = evaluate(model.params, model.config, la[:k], ids, cont, widths=widths if last else None,
                            ceiling_depth=args.ceiling_depth if ceiling and k == ks[-1] else 0)
             row["by_k"][str(k)] = res["chain"]["joint"]
-            if k == min(ks[-1], la.shape[0]):
+            if last:
                 row.update(top1=res["top1"], top5=res["top5"], top10=res["top10"], points=res["points"])
+                if widths:
+                    row["tree"] = {"widths": list(widths), "tokens_per_forward": res["tree"]["joint"]}
                 if ceiling:
                     row["ceiling"] = res["ceiling"]
         return row
 
+    if args.rescore:
+        if args.only:
+            raise ValueError("--rescore scores every variant again: it does not go with --only")
+        results = {}
     if "untrained" not in results:
         results["untrained"] = {**score(untrained_lookahead(model, ks[-1]), ceiling=True), "train_seconds": 0.0}
+        results_path.write_text(json.dumps(results, indent=2))
+    if "untrained mean embedding" not in results:  # the start of `--init mean` runs
+        results["untrained mean embedding"] = {**score(init_lookahead(model.params, ks[-1], "mean"), ceiling=False),
+                                               "train_seconds": 0.0}
         results_path.write_text(json.dumps(results, indent=2))
     generated: dict = {}  # self-data settings -> the rows a first variant generated: the others reuse them
     for variant in variants:
@@ -112,7 +133,7 @@ def run(args) -> int:
         data_key = json.dumps([options.get(key) for key in SELF_DATA_KEYS])
         if (out / name / "self_data.npz").is_file():
             generated.setdefault(data_key, str(out / name / "self_data.npz"))
-        if (args.only and name not in args.only) or name in results:
+        if (args.only and name not in args.only) or (name in results and not args.rescore):
             continue
         if "lookahead" in options:  # score an existing checkpoint (e.g. the one a previous recipe shipped)
             la, seconds = load_lookahead(options["lookahead"], model), None
@@ -133,11 +154,16 @@ def run(args) -> int:
 
 def table(results: dict, ks) -> str:
     ceiling = results.get("untrained", {}).get("ceiling", [])
-    head = (["recipe"] + [f"tok/fwd k={k}" for k in ks] + ["top-1 by look-ahead", "top-10 by look-ahead",
-                                                           "train s"])
+    trees = {tuple(r["tree"]["widths"]) for r in results.values() if "tree" in r}
+    tree = trees.pop() if len(trees) == 1 else None  # one tree column when every scored row used one tree
+    head = (["recipe"] + [f"tok/fwd k={k}" for k in ks] + ([f"tok/fwd tree {','.join(map(str, tree))}"] if tree else [])
+            + ["top-1 by look-ahead", "top-10 by look-ahead", "train s"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in results.items():
         cells = [name] + [f"{r['by_k'][str(k)]:.3f}" if str(k) in r["by_k"] else "-" for k in ks]
+        if tree:
+            same = "tree" in r and tuple(r["tree"]["widths"]) == tree
+            cells.append(f"{r['tree']['tokens_per_forward']:.3f}" if same else "-")
         cells += [" / ".join(f"{x:.2f}" for x in r.get("top1", [])), " / ".join(f"{x:.2f}" for x in r.get("top10", [])),
                   "-" if r.get("train_seconds") is None else f"{r['train_seconds']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
