@@ -58,18 +58,36 @@ def _attention(q, keys, values, mask, cfg: ModelConfig, prefix=None, prefix_rows
 
     prefix ([2, P, KV, hd] keys and values, deep look-ahead) is seen by the rows where prefix_rows [B, T]."""
     b, t, _, hd = q.shape
-    if prefix is not None:
-        keys = jnp.concatenate([jnp.broadcast_to(prefix[0].astype(keys.dtype), (b,) + prefix.shape[1:]), keys], 1)
-        values = jnp.concatenate([jnp.broadcast_to(prefix[1].astype(values.dtype), (b,) + prefix.shape[1:]), values], 1)
-        mask = jnp.concatenate([jnp.broadcast_to(prefix_rows[:, :, None], (b, t, prefix.shape[1])), mask], 2)
     groups = cfg.num_heads // cfg.num_kv_heads
-    q = q.reshape(b, t, cfg.num_kv_heads, groups, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q.astype(keys.dtype), keys,
-                        preferred_element_type=jnp.float32) * (hd ** -0.5)
+    q = q.reshape(b, t, cfg.num_kv_heads, groups, hd).astype(keys.dtype)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, keys, preferred_element_type=jnp.float32) * (hd ** -0.5)
     scores = jnp.where(mask[:, None, None], scores, -1e30)
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(values.dtype), values, preferred_element_type=jnp.float32)
+    if prefix is not None:
+        out = _fold_prefix(q, scores, out, prefix.astype(keys.dtype), prefix_rows)
     return out.reshape(b, t, cfg.num_heads * hd)
+
+
+def _fold_prefix(q, scores, out, prefix, rows):
+    """Attention over the cache plus P learned keys/values (deep look-ahead), as one softmax over both.
+
+    The cache part is already normalized (out); the prefix joins it by log-sum-exp weights, so the cache
+    is never copied (concatenating P entries to it copied the whole buffer in every layer of every
+    pass). Rows outside `rows` keep `out` bit for bit: real tokens compute exactly what they do without
+    a prefix. q [B, T, KV, G, hd], scores [B, KV, G, T, S], out [B, T, KV, G, hd], prefix [2, P, KV, hd].
+    """
+    pscores = jnp.einsum("btkgd,pkd->bkgtp", q, prefix[0], preferred_element_type=jnp.float32) * (q.shape[-1] ** -0.5)
+    top = jnp.maximum(scores.max(-1), pscores.max(-1))[..., None]  # [B, KV, G, T, 1]
+    cache_mass = jnp.sum(jnp.exp(scores - top), -1)
+    pweights = jnp.exp(pscores - top)
+    pout = jnp.einsum("bkgtp,pkd->btkgd", pweights.astype(prefix.dtype), prefix[1], preferred_element_type=jnp.float32)
+
+    def per_row(a):  # [B, KV, G, T] -> [B, T, KV, G, 1]
+        return jnp.moveaxis(a, 3, 1)[..., None]
+
+    folded = (per_row(cache_mass) * out + pout) / per_row(cache_mass + pweights.sum(-1))
+    return jnp.where(rows[:, :, None, None, None], folded, out)
 
 
 def forward(params: Params, cfg: ModelConfig, embeds: jax.Array, positions: jax.Array,

@@ -131,7 +131,7 @@ def base_dir(tmp_path_factory):
 def _train_cmd(base, out, *extra, steps=40):
     return [sys.executable, "-m", "train", "lookahead", "--model", base, "--out", str(out), "--k", "2",
             "--steps", str(steps), "--batch-size", "4", "--seq-len", "24", "--stride", "4", "--self-samples", "8",
-            "--save-every", "5", "--eval-every", "20", "--quiet", "--lr", "1e-2", *extra]
+            "--save-every", "5", "--eval-every", "20", "--quiet", "--lr", "1e-2", "--deep", "0", *extra]
 
 
 def _env(devices=1):
