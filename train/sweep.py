@@ -133,7 +133,7 @@ def run(args) -> int:
         data_key = json.dumps([options.get(key) for key in SELF_DATA_KEYS])
         if (out / name / "self_data.npz").is_file():
             generated.setdefault(data_key, str(out / name / "self_data.npz"))
-        if (args.only and name not in args.only) or (name in results and not args.rescore):
+        if (args.only and name not in args.only) or name in results:  # --rescore emptied results
             continue
         if "lookahead" in options:  # score an existing checkpoint (e.g. the one a previous recipe shipped)
             la, seconds = load_lookahead(options["lookahead"], model), None
