@@ -14,6 +14,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from . import cpu_kernel
 from .cache import KVCache, attention_mask, key_positions, write_block
 from .config import ModelConfig, rope_inv_freq
 
@@ -23,9 +24,12 @@ Params = dict
 def dense(x: jax.Array, w: jax.Array) -> jax.Array:
     """x @ w accumulated in float32 whatever the weight dtype.
 
-    On the CPU a one-row bfloat16 product takes a slow path (~1.7x the time of two rows, which
-    run on the AMX units), so a lone row is doubled and the copy dropped.
+    A decode pass's few-row products on one CPU device go through pass-jax's own kernel
+    (cpu_kernel.py). Otherwise XLA's dot; there a one-row bfloat16 product takes a slow path on
+    the CPU (~1.7x the time of two rows), so a lone row is doubled and the copy dropped.
     """
+    if cpu_kernel.applies(x, w):
+        return cpu_kernel.dense(x, w)
     x = x.astype(w.dtype)
     if w.dtype == jnp.bfloat16 and math.prod(x.shape[:-1]) == 1 and jax.default_backend() == "cpu":
         flat = x.reshape(1, -1)
@@ -135,6 +139,8 @@ def logits_from_hidden(params: Params, hidden: jax.Array) -> jax.Array:
     if "lm_head" in params:
         return dense(hidden, params["lm_head"])
     w = params["embed"]
+    if cpu_kernel.applies(hidden, w):
+        return cpu_kernel.dense(hidden, w, transposed=True)
     return jnp.einsum("...d,vd->...v", hidden.astype(w.dtype), w, preferred_element_type=jnp.float32)
 
 

@@ -1,0 +1,127 @@
+"""The CPU product kernel for few-row passes (kernels/dense_cpu.cc), built on first use.
+
+XLA's CPU dot streams a one-row product below memory speed, costs ~2x at two rows (its
+matrix-matrix kernel), and takes a pathological path for a one-row bfloat16 product. Decoding is
+made of exactly those products, so pass-jax ships its own: every weight tile is read once per
+pass of up to 12 rows, bfloat16 weights at their stored width. It is compiled once per machine
+with the system C++ compiler (-march=native) into ~/.cache/pass-jax/kernels and registered as an
+XLA FFI target. Where it cannot be built (no compiler, no AVX-512, not x86-64) or
+PASS_JAX_CPU_KERNEL=0, `dense` falls back to XLA's dot, with one warning naming the reason.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import math
+import os
+import platform
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+SOURCE = Path(__file__).with_name("kernels") / "dense_cpu.cc"
+TARGETS = {False: "pass_jax_dense", True: "pass_jax_dense_t"}  # w [K, N]; w [N, K] (tied head)
+MAX_ROWS = 64  # above this XLA's matrix-matrix kernel is as fast (prefill, training)
+FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-std=c++20", "-shared", "-fPIC"]
+
+
+def _cpu_model() -> tuple[str, set[str]]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor(), set()
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "")
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return model, set(flags)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PASS_JAX_KERNEL_CACHE", "~/.cache/pass-jax/kernels")).expanduser()
+
+
+def _build() -> Path:
+    """The compiled library, reused when the source, flags, CPU and JAX headers are unchanged."""
+    compiler = os.environ.get("CXX", "g++")
+    model, _ = _cpu_model()
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, *FLAGS, model, jax.__version__]).encode())
+    out = cache_dir() / key.hexdigest()[:16] / "libpass_jax_dense.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        built = Path(tmp) / out.name
+        cmd = [compiler, *FLAGS, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", str(built)]
+        done = subprocess.run(cmd, check=False, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {done.stderr.strip().splitlines()[-1] if done.stderr else done.returncode}")
+        os.replace(built, out)  # atomic: concurrent processes each build, one copy wins
+    return out
+
+
+def _unavailable_reason() -> str | None:
+    if os.environ.get("PASS_JAX_CPU_KERNEL", "1") == "0":
+        return "PASS_JAX_CPU_KERNEL=0"
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"not x86-64 ({platform.machine()})"
+    if "avx512f" not in _cpu_model()[1]:
+        return "this CPU has no AVX-512"
+    return None
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the kernel is built and registered (once per process)."""
+    reason = _unavailable_reason()
+    if reason is None:
+        try:
+            lib = ctypes.cdll.LoadLibrary(str(_build()))
+            jax.ffi.register_ffi_target(TARGETS[False], jax.ffi.pycapsule(lib.PassJaxDense), platform="cpu")
+            jax.ffi.register_ffi_target(TARGETS[True], jax.ffi.pycapsule(lib.PassJaxDenseT), platform="cpu")
+            return True
+        except (OSError, RuntimeError) as err:
+            reason = str(err)
+    if reason != "PASS_JAX_CPU_KERNEL=0":
+        warnings.warn(f"pass-jax: CPU product kernel not used ({reason}); decoding uses XLA's dot", stacklevel=2)
+    return False
+
+
+def applies(x: jax.Array, w: jax.Array) -> bool:
+    """Use the kernel for this product: an unsharded CPU product of a few rows."""
+    return (w.ndim == 2 and w.dtype in (jnp.float32, jnp.bfloat16) and math.prod(x.shape[:-1]) <= MAX_ROWS
+            and jax.default_backend() == "cpu" and jax.device_count() == 1 and available())
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _kernel(x2: jax.Array, w: jax.Array, transposed: bool) -> jax.Array:
+    out = jax.ShapeDtypeStruct((x2.shape[0], w.shape[0 if transposed else 1]), jnp.float32)
+    return jax.ffi.ffi_call(TARGETS[transposed], out, vmap_method="sequential")(x2, w)
+
+
+def _kernel_fwd(x2, w, transposed):
+    return _kernel(x2, w, transposed), (x2, w)
+
+
+def _kernel_bwd(transposed, res, g):  # XLA's products: gradients flow in training, where rows are many anyway
+    x2, w = res
+    wt = w if transposed else w.T  # [N, K]
+    dx = jnp.dot(g.astype(w.dtype), wt, preferred_element_type=jnp.float32)
+    dw = jnp.dot(x2.T.astype(w.dtype), g.astype(w.dtype), preferred_element_type=jnp.float32)  # [K, N]
+    return dx, (dw.T if transposed else dw).astype(w.dtype)
+
+
+_kernel.defvjp(_kernel_fwd, _kernel_bwd)
+
+
+def dense(x: jax.Array, w: jax.Array, transposed: bool = False) -> jax.Array:
+    """x [..., K] @ w [K, N] (or w [N, K] transposed) -> float32 [..., N]; callers check `applies`.
+
+    x is rounded to w's dtype first, as XLA's path does, then multiplied in float32."""
+    x2 = x.astype(w.dtype).astype(jnp.float32).reshape(-1, x.shape[-1])
+    n = w.shape[0 if transposed else 1]
+    return _kernel(x2, w, transposed).reshape(x.shape[:-1] + (n,))

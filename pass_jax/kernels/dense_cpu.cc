@@ -1,0 +1,230 @@
+// y[M, N] = x[M, K] @ w[K, N] for the few rows of a decode pass, on the CPU, as an XLA FFI call.
+//
+// Why: XLA's CPU dot streams a 1-row product well below memory speed, switches to a matrix-matrix
+// kernel at 2 rows that costs ~2x, and takes a pathological path for a 1-row bfloat16 product.
+// Here every tile of w is loaded once per row tile and fed to up to 12 rows held in registers,
+// and bfloat16 weights are widened in registers, so a pass over T <= 12 tokens reads the weights
+// once, at their stored width. x and y are float32; w is float32 or bfloat16.
+//
+// Each y[m, n] is one float32 fused multiply-add chain over k in order, whatever M, the tile or
+// the thread: a row's result does not depend on which other rows share the pass.
+//
+// Built by pass_jax/cpu_kernel.py with -O3 -march=native; needs AVX-512 (checked there).
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <immintrin.h>
+#include <memory>
+#include <type_traits>
+#include <utility>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+typedef float v16 __attribute__((vector_size(64)));
+
+inline v16 load_w(const float* p) {
+  v16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline v16 load_w(const uint16_t* p) {  // 16 bfloat16 -> 16 float32: the high half of each word
+  typedef uint16_t u16x16 __attribute__((vector_size(32)));
+  typedef uint32_t u32x16 __attribute__((vector_size(64)));
+  u16x16 h;
+  std::memcpy(&h, p, sizeof(h));
+  u32x16 wide = __builtin_convertvector(h, u32x16) << 16;
+  v16 v;
+  std::memcpy(&v, &wide, sizeof(v));
+  return v;
+}
+
+inline float to_float(float v) { return v; }
+inline float to_float(uint16_t v) {
+  uint32_t bits = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+// Rows of w are read down a 16 NV-column strip; the hardware prefetcher does not follow that
+// stride, so each step asks for the row kAhead steps ahead.
+constexpr int64_t kAhead = 64;
+
+// Rows [m0, m0 + MT) x columns [n0, n0 + 16 NV): MT x NV accumulators live in registers and each
+// piece of w loaded feeds all MT rows.
+template <int MT, int NV, typename W>
+void tile(const float* x, const W* w, float* y, int64_t K, int64_t N, int64_t m0, int64_t n0) {
+  v16 acc[MT][NV] = {};
+  const float* xr = x + m0 * K;
+  const W* wr = w + n0;
+  for (int64_t k = 0; k < K; ++k, wr += N) {
+    if (k + kAhead < K) {
+      const char* p = reinterpret_cast<const char*>(wr + kAhead * N);
+      for (int l = 0; l < int(16 * NV * sizeof(W)); l += 64) __builtin_prefetch(p + l, 0, 1);
+    }
+    v16 wv[NV];
+    for (int j = 0; j < NV; ++j) wv[j] = load_w(wr + 16 * j);
+    for (int m = 0; m < MT; ++m) {
+      const float xv = xr[m * K + k];
+      for (int j = 0; j < NV; ++j) acc[m][j] += xv * wv[j];
+    }
+  }
+  for (int m = 0; m < MT; ++m) std::memcpy(y + (m0 + m) * N + n0, acc[m], sizeof(acc[m]));
+}
+
+// All M rows against columns [n0, n0 + 16 NV): full tiles of MT rows, then one smaller tile.
+template <int MT, int NV, typename W>
+void strip(const float* x, const W* w, float* y, int64_t M, int64_t K, int64_t N, int64_t n0) {
+  int64_t m = 0;
+  for (; m + MT <= M; m += MT) tile<MT, NV>(x, w, y, K, N, m, n0);
+  const int64_t left = M - m;
+  [&]<int... I>(std::integer_sequence<int, I...>) {
+    ((left == I + 1 ? (tile<I + 1, NV>(x, w, y, K, N, m, n0), 0) : 0), ...);
+  }(std::make_integer_sequence<int, MT - 1>{});
+}
+
+// Columns [n0, n1), a multiple of 16: the tile shape whose accumulators fill the 32 registers for
+// this M (one tile of rows up to M = 12), then 16-column strips for what is left.
+template <typename W>
+void columns(const float* x, const W* w, float* y, int64_t M, int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  auto sweep = [&](auto mt, auto nv) {
+    constexpr int MT = decltype(mt)::value, NV = decltype(nv)::value;
+    for (; n0 + 16 * NV <= n1; n0 += 16 * NV) strip<MT, NV>(x, w, y, M, K, N, n0);
+  };
+  using std::integral_constant;
+  if (M <= 6) sweep(integral_constant<int, 6>{}, integral_constant<int, 4>{});
+  else if (M <= 8) sweep(integral_constant<int, 8>{}, integral_constant<int, 3>{});
+  else if (M <= 12) sweep(integral_constant<int, 12>{}, integral_constant<int, 2>{});
+  else sweep(integral_constant<int, 8>{}, integral_constant<int, 3>{});  // later row tiles hit the cache
+  sweep(integral_constant<int, 8>{}, integral_constant<int, 1>{});
+}
+
+template <typename W>
+void tail_columns(const float* x, const W* w, float* y, int64_t M, int64_t K, int64_t N, int64_t n0) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = n0; n < N; ++n) {
+      float acc = 0.f;
+      for (int64_t k = 0; k < K; ++k) acc = __builtin_fmaf(x[m * K + k], to_float(w[k * N + n]), acc);
+      y[m * N + n] = acc;
+    }
+}
+
+struct Work {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+};
+
+// Chunks [0, chunks) are claimed from a shared counter by the calling thread and by helpers
+// scheduled on XLA's intra-op pool; the caller never waits for a helper to start, only for
+// chunks already claimed.
+template <typename F>
+void parallel_chunks(ffi::ThreadPool& pool, int64_t chunks, F chunk) {
+  auto work = std::make_shared<Work>();
+  auto body = [=](Work& s) {
+    for (int64_t c; (c = s.next.fetch_add(1)) < chunks;) {
+      chunk(c);
+      s.done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), chunks) - 1;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work, body] { body(*work); });
+  body(*work);
+  while (work->done.load(std::memory_order_acquire) < chunks) __builtin_ia32_pause();
+}
+
+template <typename W>
+void run(ffi::ThreadPool& pool, const float* x, const W* w, float* y, int64_t M, int64_t K, int64_t N) {
+  const int64_t panels = N / 16;
+  constexpr int64_t kPanelsPerChunk = 12;  // divisible by the 4-, 3-, 2- and 1-panel tiles
+  parallel_chunks(pool, (panels + kPanelsPerChunk - 1) / kPanelsPerChunk, [=](int64_t c) {
+    columns(x, w, y, M, K, N, c * kPanelsPerChunk * 16, std::min(panels, (c + 1) * kPanelsPerChunk) * 16);
+  });
+  if (N % 16) tail_columns(x, w, y, M, K, N, panels * 16);
+}
+
+// --- y[M, N] = x[M, K] @ w[N, K]^T: the tied output head, whose weight is the [vocab, D] embedding.
+// Rows of w are contiguous along k, so accumulators hold 16 k-lanes of one (m, n) pair and are
+// summed across lanes at the end; an NT-row block of w stays in L1 while every row tile of x
+// passes over it.
+
+inline float lane_sum(v16 v) { return _mm512_reduce_add_ps(__m512(v)); }
+
+template <int MT, int NT, typename W>
+void tile_t(const float* x, const W* w, float* y, int64_t K, int64_t N, int64_t m0, int64_t n0) {
+  v16 acc[MT][NT] = {};
+  const int64_t k16 = K / 16 * 16;
+  for (int64_t k = 0; k < k16; k += 16) {
+    v16 wv[NT];
+    for (int j = 0; j < NT; ++j) wv[j] = load_w(w + (n0 + j) * K + k);
+    for (int m = 0; m < MT; ++m) {
+      const v16 xv = load_w(x + (m0 + m) * K + k);
+      for (int j = 0; j < NT; ++j) acc[m][j] += xv * wv[j];
+    }
+  }
+  for (int m = 0; m < MT; ++m)
+    for (int j = 0; j < NT; ++j) {
+      float s = lane_sum(acc[m][j]);
+      for (int64_t k = k16; k < K; ++k) s = __builtin_fmaf(x[(m0 + m) * K + k], to_float(w[(n0 + j) * K + k]), s);
+      y[(m0 + m) * N + n0 + j] = s;
+    }
+}
+
+template <int NT, typename W>
+void rows_t(const float* x, const W* w, float* y, int64_t M, int64_t K, int64_t N, int64_t n0) {
+  constexpr int MT = 4;
+  int64_t m = 0;
+  for (; m + MT <= M; m += MT) tile_t<MT, NT>(x, w, y, K, N, m, n0);
+  switch (M - m) {
+    case 3: tile_t<3, NT>(x, w, y, K, N, m, n0); break;
+    case 2: tile_t<2, NT>(x, w, y, K, N, m, n0); break;
+    case 1: tile_t<1, NT>(x, w, y, K, N, m, n0); break;
+  }
+}
+
+template <typename W>
+void run_t(ffi::ThreadPool& pool, const float* x, const W* w, float* y, int64_t M, int64_t K, int64_t N) {
+  constexpr int NT = 6;
+  constexpr int64_t kRowsPerChunk = 16 * NT;
+  parallel_chunks(pool, (N + kRowsPerChunk - 1) / kRowsPerChunk, [=](int64_t c) {
+    const int64_t end = std::min(N, (c + 1) * kRowsPerChunk);
+    int64_t n = c * kRowsPerChunk;
+    for (; n + NT <= end; n += NT) rows_t<NT>(x, w, y, M, K, N, n);
+    for (; n < end; ++n) rows_t<1>(x, w, y, M, K, N, n);
+  });
+}
+
+// transposed: w is [N, K] (the tied head) rather than [K, N].
+template <bool transposed>
+ffi::Error Dense(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y) {
+  const auto xd = x.dimensions();
+  const auto wd = w.dimensions();
+  const int64_t wk = wd.size() == 2 ? wd[transposed ? 1 : 0] : -1;
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wk || x.element_type() != ffi::DataType::F32)
+    return ffi::Error::InvalidArgument("pass_jax_dense: want float32 x [M, K] and w [K, N] (or [N, K])");
+  const int64_t M = xd[0], K = xd[1], N = wd[transposed ? 0 : 1];
+  const float* xp = x.typed_data<float>();
+  float* yp = y->typed_data<float>();
+  if (w.element_type() == ffi::DataType::F32) {
+    const float* wp = w.typed_data<float>();
+    transposed ? run_t(pool, xp, wp, yp, M, K, N) : run(pool, xp, wp, yp, M, K, N);
+  } else if (w.element_type() == ffi::DataType::BF16) {
+    const auto* wp = reinterpret_cast<const uint16_t*>(w.untyped_data());
+    transposed ? run_t(pool, xp, wp, yp, M, K, N) : run(pool, xp, wp, yp, M, K, N);
+  } else {
+    return ffi::Error::InvalidArgument("pass_jax_dense: weights must be float32 or bfloat16");
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+#define PASS_JAX_BINDING \
+  ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>()
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PassJaxDense, Dense<false>, PASS_JAX_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PassJaxDenseT, Dense<true>, PASS_JAX_BINDING);

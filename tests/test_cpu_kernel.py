@@ -1,0 +1,98 @@
+"""The CPU product kernel (pass_jax/kernels/dense_cpu.cc) against float64 products, and its fallback."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pass_jax import cpu_kernel
+from pass_jax.model import dense, logits_from_hidden
+
+needs_kernel = pytest.mark.skipif(not cpu_kernel.available(), reason="kernel not built here (see the warning)")
+
+
+def _reference(x, w):
+    return np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_kernel_matches_float64_products(dtype, transposed):
+    """Every row-tile and column-tile path: M = 1..14 and past a tile of 24, N and K off multiples of 16."""
+    rng = np.random.default_rng(0)
+    for m in (1, 2, 5, 6, 7, 8, 9, 12, 13, 14, 30, 64):
+        for k, n in ((576, 960), (40, 37), (33, 200), (16, 16)):
+            x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+            w = jnp.asarray(rng.standard_normal((k, n)), dtype)
+            got = np.asarray(cpu_kernel.dense(x, w.T if transposed else w, transposed=transposed))
+            want = _reference(x.astype(dtype), w)
+            assert got.shape == (m, n)
+            err = np.abs(got - want).max() / np.abs(want).max()
+            assert err < 1e-5, (m, k, n, err)
+
+
+@needs_kernel
+@pytest.mark.parametrize("transposed", [False, True])
+def test_a_row_does_not_depend_on_the_rows_beside_it(transposed):
+    """Bit for bit: a token's logits in a 1-token step equal its logits inside a T-token verify pass."""
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((17, 576)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((576, 1000)) * 0.05, jnp.float32)
+    w = w.T if transposed else w
+    full = np.asarray(cpu_kernel.dense(x, w, transposed=transposed))
+    for t in (1, 2, 7, 9, 13):
+        part = np.asarray(cpu_kernel.dense(x[:t], w, transposed=transposed))
+        np.testing.assert_array_equal(part, full[:t])
+    alone = np.asarray(cpu_kernel.dense(x[5:6], w, transposed=transposed))
+    np.testing.assert_array_equal(alone[0], full[5])
+
+
+@needs_kernel
+def test_model_products_take_the_kernel_and_keep_xla_gradients(monkeypatch):
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((2, 3, 64)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((64, 48)) * 0.1, jnp.float32)
+    params = {"embed": jnp.asarray(rng.standard_normal((100, 64)) * 0.1, jnp.float32)}
+    assert cpu_kernel.applies(x, w)
+    assert "pass_jax_dense" in str(jax.jit(dense).lower(x, w).as_text())
+
+    def loss(x, w):
+        return jnp.sum(jnp.sin(dense(x, w))) + jnp.sum(jnp.cos(logits_from_hidden({**params, "embed": w.T}, x)))
+
+    got = jax.grad(loss, argnums=(0, 1))(x, w)
+    monkeypatch.setattr(cpu_kernel, "applies", lambda *a: False)
+    assert "pass_jax_dense" not in str(jax.jit(lambda x, w: dense(x, w)).lower(x, w).as_text())
+    want = jax.grad(loss, argnums=(0, 1))(x, w)
+    for g, h in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(h), rtol=1e-5, atol=1e-5)
+    batched = jax.vmap(lambda xi: cpu_kernel.dense(xi, w))(x)  # vmap runs the call row block by row block
+    np.testing.assert_allclose(np.asarray(batched), _reference(x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_many_rows_use_xla():
+    x = jnp.ones((cpu_kernel.MAX_ROWS + 1, 8))
+    assert not cpu_kernel.applies(x, jnp.ones((8, 8)))
+
+
+def _available_in_subprocess(env: dict) -> subprocess.CompletedProcess:
+    code = "from pass_jax import cpu_kernel; print('AVAILABLE', cpu_kernel.available())"
+    return subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, env={**os.environ, **env},
+                          timeout=300)
+
+
+def test_switched_off_quietly():
+    done = _available_in_subprocess({"PASS_JAX_CPU_KERNEL": "0"})
+    assert "AVAILABLE False" in done.stdout
+    assert "kernel not used" not in done.stderr
+
+
+@pytest.mark.skipif(cpu_kernel._unavailable_reason() is not None, reason="kernel not buildable on this CPU")
+def test_a_failed_build_falls_back_with_one_warning(tmp_path):
+    done = _available_in_subprocess({"CXX": "false", "PASS_JAX_KERNEL_CACHE": str(tmp_path)})
+    assert "AVAILABLE False" in done.stdout, done.stderr
+    assert done.stderr.count("CPU product kernel not used") == 1, done.stderr
