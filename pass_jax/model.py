@@ -60,38 +60,38 @@ def embed_tokens(params: Params, tokens: jax.Array) -> jax.Array:
 def _attention(q, keys, values, mask, cfg: ModelConfig, prefix=None, prefix_rows=None):
     """Grouped-query attention of q [B, T, H, hd] over the whole buffer keys/values [B, S, KV, hd].
 
+    Each KV head's T x groups queries are one block of rows, so a layer is two batched products over
+    [B, KV] (on the CPU this is 1.2-1.8x faster than batching over [B, KV, groups] in bfloat16).
     prefix ([2, P, KV, hd] keys and values, deep look-ahead) is seen by the rows where prefix_rows [B, T]."""
     b, t, _, hd = q.shape
-    groups = cfg.num_heads // cfg.num_kv_heads
-    q = q.reshape(b, t, cfg.num_kv_heads, groups, hd).astype(keys.dtype)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, keys, preferred_element_type=jnp.float32) * (hd ** -0.5)
-    scores = jnp.where(mask[:, None, None], scores, -1e30)
+    kv, groups = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
+    rows = q.reshape(b, t, kv, groups, hd).astype(keys.dtype).transpose(0, 2, 1, 3, 4).reshape(b, kv, t * groups, hd)
+    keys_t, values_t = keys.transpose(0, 2, 1, 3), values.transpose(0, 2, 1, 3)  # [B, KV, S, hd]
+    scores = jnp.einsum("bkrd,bksd->bkrs", rows, keys_t, preferred_element_type=jnp.float32) * (hd ** -0.5)
+    scores = jnp.where(jnp.repeat(mask, groups, axis=1)[:, None], scores, -1e30)  # row r = (t, group)
     probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(values.dtype), values, preferred_element_type=jnp.float32)
+    out = jnp.einsum("bkrs,bksd->bkrd", probs.astype(values.dtype), values_t, preferred_element_type=jnp.float32)
     if prefix is not None:
-        out = _fold_prefix(q, scores, out, prefix.astype(keys.dtype), prefix_rows)
-    return out.reshape(b, t, cfg.num_heads * hd)
+        out = _fold_prefix(rows, scores, out, prefix.astype(keys.dtype), jnp.repeat(prefix_rows, groups, axis=1))
+    return out.reshape(b, kv, t, groups, hd).transpose(0, 2, 1, 3, 4).reshape(b, t, cfg.num_heads * hd)
 
 
-def _fold_prefix(q, scores, out, prefix, rows):
+def _fold_prefix(rows, scores, out, prefix, seen):
     """Attention over the cache plus P learned keys/values (deep look-ahead), as one softmax over both.
 
     The cache part is already normalized (out); the prefix joins it by log-sum-exp weights, so the cache
     is never copied (concatenating P entries to it copied the whole buffer in every layer of every
-    pass). Rows outside `rows` keep `out` bit for bit: real tokens compute exactly what they do without
-    a prefix. q [B, T, KV, G, hd], scores [B, KV, G, T, S], out [B, T, KV, G, hd], prefix [2, P, KV, hd].
+    pass). Rows where `seen` is false keep `out` bit for bit: real tokens compute exactly what they do
+    without a prefix. rows [B, KV, R, hd] queries, scores [B, KV, R, S], out [B, KV, R, hd],
+    prefix [2, P, KV, hd], seen [B, R].
     """
-    pscores = jnp.einsum("btkgd,pkd->bkgtp", q, prefix[0], preferred_element_type=jnp.float32) * (q.shape[-1] ** -0.5)
-    top = jnp.maximum(scores.max(-1), pscores.max(-1))[..., None]  # [B, KV, G, T, 1]
-    cache_mass = jnp.sum(jnp.exp(scores - top), -1)
+    pscores = jnp.einsum("bkrd,pkd->bkrp", rows, prefix[0], preferred_element_type=jnp.float32) * (rows.shape[-1] ** -0.5)
+    top = jnp.maximum(scores.max(-1), pscores.max(-1))[..., None]  # [B, KV, R, 1]
+    cache_mass = jnp.sum(jnp.exp(scores - top), -1, keepdims=True)
     pweights = jnp.exp(pscores - top)
-    pout = jnp.einsum("bkgtp,pkd->btkgd", pweights.astype(prefix.dtype), prefix[1], preferred_element_type=jnp.float32)
-
-    def per_row(a):  # [B, KV, G, T] -> [B, T, KV, G, 1]
-        return jnp.moveaxis(a, 3, 1)[..., None]
-
-    folded = (per_row(cache_mass) * out + pout) / per_row(cache_mass + pweights.sum(-1))
-    return jnp.where(rows[:, :, None, None, None], folded, out)
+    pout = jnp.einsum("bkrp,pkd->bkrd", pweights.astype(prefix.dtype), prefix[1], preferred_element_type=jnp.float32)
+    folded = (cache_mass * out + pout) / (cache_mass + pweights.sum(-1, keepdims=True))
+    return jnp.where(seen[:, None, :, None], folded, out)
 
 
 def forward(params: Params, cfg: ModelConfig, embeds: jax.Array, positions: jax.Array,
