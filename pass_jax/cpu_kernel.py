@@ -18,6 +18,7 @@ import math
 import os
 import platform
 import subprocess
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -54,6 +55,7 @@ def _build() -> Path:
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
+    print(f"pass-jax: compiling the CPU product kernel into {out.parent} (once per machine)", file=sys.stderr)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         built = Path(tmp) / out.name
         cmd = [compiler, *FLAGS, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", str(built)]
