@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 SOURCE = Path(__file__).with_name("kernels") / "dense_cpu.cc"
 TARGETS = {False: "pass_jax_dense", True: "pass_jax_dense_t"}  # w [K, N]; w [N, K] (tied head)
-MAX_ROWS = 64  # above this XLA's matrix-matrix kernel is as fast (prefill, training)
+MAX_ROWS = 64  # up to here the kernel is at least as fast as XLA's dot; past it (prefill, training) XLA's GEMM
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-std=c++20", "-shared", "-fPIC"]
 
 
@@ -49,8 +49,9 @@ def cache_dir() -> Path:
 def _build() -> Path:
     """The compiled library, reused when the source, flags, CPU and JAX headers are unchanged."""
     compiler = os.environ.get("CXX", "g++")
-    model, _ = _cpu_model()
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, *FLAGS, model, jax.__version__]).encode())
+    model, flags = _cpu_model()  # -march=native code is only valid where the same instructions are
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, *FLAGS, model, *sorted(flags),
+                                    jax.__version__]).encode())
     out = cache_dir() / key.hexdigest()[:16] / "libpass_jax_dense.so"
     if out.exists():
         return out
