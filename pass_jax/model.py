@@ -61,7 +61,7 @@ def _attention(q, keys, values, mask, cfg: ModelConfig, prefix=None, prefix_rows
     """Grouped-query attention of q [B, T, H, hd] over the whole buffer keys/values [B, S, KV, hd].
 
     Each KV head's T x groups queries are one block of rows, so a layer is two batched products over
-    [B, KV]; on the CPU, SmolLM2's 30 attention blocks alone run 1.5-1.8x faster so than batched over
+    [B, KV]; on the CPU, SmolLM2's 30 attention blocks alone run 1.5-1.8x faster this way than batched over
     [B, KV, groups] in bfloat16 (1.0-1.2x in float32).
     prefix ([2, P, KV, hd] keys and values, deep look-ahead) is seen by the rows where prefix_rows [B, T]."""
     b, t, _, hd = q.shape
