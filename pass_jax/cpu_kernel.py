@@ -32,14 +32,16 @@ MAX_ROWS = 64  # up to here the kernel is at least as fast as XLA's dot; past it
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-std=c++20", "-shared", "-fPIC"]
 
 
-def _cpu_model() -> tuple[str, set[str]]:
+@functools.cache
+def _cpu_model() -> tuple[str, frozenset[str]]:
+    """The CPU's model name and instruction flags, read once (the build key and the AVX-512 check)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return platform.processor(), set()
+        return platform.processor(), frozenset()
     model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "")
     flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return model, set(flags)
+    return model, frozenset(flags)
 
 
 def cache_dir() -> Path:
