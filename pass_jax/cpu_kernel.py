@@ -1,12 +1,14 @@
-"""The CPU product kernel for few-row passes (kernels/dense_cpu.cc), built on first use.
+"""The CPU kernels of decode passes (kernels/), built on first use: few-row products and attention.
 
 XLA's CPU dot streams a one-row product below memory speed, costs ~2x at two rows (its
 matrix-matrix kernel), and takes a pathological path for a one-row bfloat16 product. Decoding is
 made of exactly those products, so pass-jax ships its own: every weight tile is read once per
-pass of up to 12 rows, bfloat16 weights at their stored width. It is compiled once per machine
+pass of up to 12 rows, bfloat16 weights at their stored width. A layer's decode attention, a dozen
+small XLA ops whose per-op overhead dominated, is one call (kernels/attention_cpu.cc). Both are
+compiled once per machine
 with the system C++ compiler (-march=native) into ~/.cache/pass-jax/kernels and registered as an
 XLA FFI target. Where it cannot be built (no compiler, no AVX-512, not x86-64) or
-PASS_JAX_CPU_KERNEL=0, `dense` falls back to XLA's dot, with one warning naming the reason.
+PASS_JAX_CPU_KERNEL=0, the model falls back to XLA's ops, with one warning naming the reason.
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-SOURCE = Path(__file__).with_name("kernels") / "dense_cpu.cc"
+KERNELS = Path(__file__).with_name("kernels")
+SOURCES = ("dense_cpu.cc", "attention_cpu.cc")  # with common.h
 TARGETS = {False: "pass_jax_dense", True: "pass_jax_dense_t"}  # w [K, N]; w [N, K] (tied head)
+ATTENTION = "pass_jax_attention"
 MAX_ROWS = 64  # up to here the kernel is at least as fast as XLA's dot; past it (prefill, training) XLA's GEMM
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-std=c++20", "-shared", "-fPIC"]
 
@@ -52,16 +56,16 @@ def _build() -> Path:
     """The compiled library, reused when the source, flags, CPU and JAX headers are unchanged."""
     compiler = os.environ.get("CXX", "g++")
     model, flags = _cpu_model()  # -march=native code is only valid where the same instructions are
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, *FLAGS, model, *sorted(flags),
-                                    jax.__version__]).encode())
-    out = cache_dir() / key.hexdigest()[:16] / "libpass_jax_dense.so"
+    texts = [(KERNELS / name).read_text() for name in (*SOURCES, "common.h")]
+    key = hashlib.sha256("\0".join([*texts, compiler, *FLAGS, model, *sorted(flags), jax.__version__]).encode())
+    out = cache_dir() / key.hexdigest()[:16] / "libpass_jax_kernels.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    print(f"pass-jax: compiling the CPU product kernel into {out.parent} (once per machine)", file=sys.stderr)
+    print(f"pass-jax: compiling the CPU kernels into {out.parent} (once per machine)", file=sys.stderr)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         built = Path(tmp) / out.name
-        cmd = [compiler, *FLAGS, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", str(built)]
+        cmd = [compiler, *FLAGS, "-I", jax.ffi.include_dir(), *(str(KERNELS / name) for name in SOURCES), "-o", str(built)]
         done = subprocess.run(cmd, check=False, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {done.stderr.strip().splitlines()[-1] if done.stderr else done.returncode}")
@@ -88,11 +92,12 @@ def available() -> bool:
             lib = ctypes.cdll.LoadLibrary(str(_build()))
             jax.ffi.register_ffi_target(TARGETS[False], jax.ffi.pycapsule(lib.PassJaxDense), platform="cpu")
             jax.ffi.register_ffi_target(TARGETS[True], jax.ffi.pycapsule(lib.PassJaxDenseT), platform="cpu")
+            jax.ffi.register_ffi_target(ATTENTION, jax.ffi.pycapsule(lib.PassJaxAttention), platform="cpu")
             return True
         except (OSError, RuntimeError) as err:
             reason = str(err)
     if reason != "PASS_JAX_CPU_KERNEL=0":
-        warnings.warn(f"pass-jax: CPU product kernel not used ({reason}); decoding uses XLA's dot", stacklevel=2)
+        warnings.warn(f"pass-jax: CPU kernels not used ({reason}); decoding uses XLA's ops", stacklevel=2)
     return False
 
 
@@ -130,3 +135,19 @@ def dense(x: jax.Array, w: jax.Array, transposed: bool = False) -> jax.Array:
     x2 = x.astype(w.dtype).astype(jnp.float32).reshape(-1, x.shape[-1])
     n = w.shape[0 if transposed else 1]
     return _kernel(x2, w, transposed).reshape(x.shape[:-1] + (n,))
+
+
+def applies_attention(rows: jax.Array, keys: jax.Array, mask: jax.Array) -> bool:
+    """Use the attention kernel: an unsharded CPU pass of at most MAX_ROWS tokens (mask [B, T, S])."""
+    return (keys.dtype in (jnp.float32, jnp.bfloat16) and rows.shape[-1] in (32, 64, 128) and mask.shape[1] <= MAX_ROWS
+            and jax.default_backend() == "cpu" and jax.device_count() == 1 and available())
+
+
+def attention(rows: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array):
+    """Softmax attention of rows [B, KV, R, hd] over keys/values [B, S, KV, hd] where mask [B, T, S].
+
+    Returns out [B, KV, R, hd] and, per row, the max score and the sum of exp(score - max) (float32)."""
+    b, kv, r, hd = rows.shape
+    out = (jax.ShapeDtypeStruct((b, kv, r, hd), jnp.float32), jax.ShapeDtypeStruct((b, kv, r, 2), jnp.float32))
+    o, stats = jax.ffi.ffi_call(ATTENTION, out, vmap_method="sequential")(rows.astype(jnp.float32), keys, values, mask)
+    return o, stats[..., 0], stats[..., 1]

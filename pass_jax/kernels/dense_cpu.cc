@@ -2,55 +2,22 @@
 //
 // Why: XLA's CPU dot streams a 1-row product well below memory speed, switches to a matrix-matrix
 // kernel at 2 rows that costs ~2x, and takes a pathological path for a 1-row bfloat16 product.
-// Here every tile of w is loaded once per row tile and fed to up to 12 rows held in registers,
-// and bfloat16 weights are widened in registers, so a pass over T <= 12 tokens reads the weights
-// once, at their stored width. x and y are float32; w is float32 or bfloat16.
+// Here every tile of w is loaded once per row tile and fed to the 4-12 rows held in registers;
+// bfloat16 weights are read 32 columns per 64-byte load and widened in registers, so a pass over a
+// few tokens reads the weights once, at their stored width. x and y are float32; w is float32 or
+// bfloat16.
 //
 // Each y[m, n] is one float32 fused multiply-add chain over k in order, whatever M, the tile or
 // the thread: a row's result does not depend on which other rows share the pass.
 //
 // Built by pass_jax/cpu_kernel.py with -O3 -march=native; needs AVX-512 (checked there).
-#include <algorithm>
-#include <atomic>
-#include <cstdint>
-#include <cstring>
-#include <immintrin.h>
-#include <memory>
 #include <type_traits>
 #include <utility>
 
-#include "xla/ffi/api/ffi.h"
-
-namespace ffi = xla::ffi;
+#include "common.h"
 
 namespace {
-
-typedef float v16 __attribute__((vector_size(64)));
-
-inline v16 load_w(const float* p) {
-  v16 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline v16 load_w(const uint16_t* p) {  // 16 bfloat16 -> 16 float32: the high half of each word
-  typedef uint16_t u16x16 __attribute__((vector_size(32)));
-  typedef uint32_t u32x16 __attribute__((vector_size(64)));
-  u16x16 h;
-  std::memcpy(&h, p, sizeof(h));
-  u32x16 wide = __builtin_convertvector(h, u32x16) << 16;
-  v16 v;
-  std::memcpy(&v, &wide, sizeof(v));
-  return v;
-}
-
-inline float to_float(float v) { return v; }
-inline float to_float(uint16_t v) {
-  uint32_t bits = uint32_t(v) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
+using namespace pass_jax;
 
 // Rows of w are read down a 16 NV-column strip; the hardware prefetcher does not follow that
 // stride, so each step asks for the row kAhead steps ahead.
@@ -172,29 +139,6 @@ void tail_columns(const float* x, const W* w, float* y, int64_t M, int64_t K, in
       for (int64_t k = 0; k < K; ++k) acc = __builtin_fmaf(x[m * K + k], to_float(w[k * N + n]), acc);
       y[m * N + n] = acc;
     }
-}
-
-struct Work {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-};
-
-// Chunks [0, chunks) are claimed from a shared counter by the calling thread and by helpers
-// scheduled on XLA's intra-op pool; the caller never waits for a helper to start, only for
-// chunks already claimed.
-template <typename F>
-void parallel_chunks(ffi::ThreadPool& pool, int64_t chunks, F chunk) {
-  auto work = std::make_shared<Work>();
-  auto body = [=](Work& s) {
-    for (int64_t c; (c = s.next.fetch_add(1)) < chunks;) {
-      chunk(c);
-      s.done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), chunks) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work, body] { body(*work); });
-  body(*work);
-  while (work->done.load(std::memory_order_acquire) < chunks) __builtin_ia32_pause();
 }
 
 template <typename W>

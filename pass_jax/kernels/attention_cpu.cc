@@ -1,0 +1,240 @@
+// Decode attention of one layer on the CPU, as one XLA FFI call: rows [B, KV, R, hd] (the T x
+// groups queries of each KV head, rows ordered (t, group)) over the whole cache buffer
+// keys / values [B, S, KV, hd], where mask [B, T, S] says which entries row t sees.
+//
+// Why: as a dozen small XLA ops per layer (products, mask, softmax, transposes) a decode pass's
+// attention cost SmolLM2 ~6 ms of a ~21 ms step at T = 1, almost all per-op overhead: the work
+// itself is a few hundred thousand multiply-adds per layer.
+//
+// Returns out [B, KV, R, hd] float32 and stats [B, KV, R, 2] = (max score, sum of exp(score - max))
+// over the seen entries, which is what folding further keys into the softmax needs.
+//
+// Every number a row computes depends only on its query, the entries it sees and their buffer
+// positions: sums over entries run in one order over the buffer in 16-entry blocks (unseen
+// entries add exact zeros), whatever T, the buffer length S or the other rows. So a token
+// attends bit for bit alike in a 1-token and a many-token pass.
+#include <cmath>
+#include <type_traits>
+
+#include "common.h"
+
+namespace {
+using namespace pass_jax;
+
+// exp(x) in float32 lanes (Cephes' polynomial after a two-step ln 2 reduction; ~1 ulp).
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline __m512 round_to(__m512 v, float) { return v; }
+inline __m512 round_to(__m512 v, uint16_t) {  // float32 -> bfloat16 (nearest even) -> float32
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i up = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd));
+  return _mm512_castsi512_ps(_mm512_and_si512(up, _mm512_set1_epi32(int(0xffff0000u))));
+}
+
+// Lane j of the result is the sum of the 16 lanes of v[kSlot[j]] (a shuffle-and-add tree: ~3
+// instructions per sum, where reducing each vector alone takes ~9). kSlot is its own inverse.
+constexpr int kSlot[16] = {0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15};
+inline __m512 sum_each(const __m512* v) {
+  __m512 a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i)
+    a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[i], v[i + 8], 0x44), _mm512_shuffle_f32x4(v[i], v[i + 8], 0xEE));
+  for (int i = 0; i < 4; ++i)
+    b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[i], a[i + 4], 0x88), _mm512_shuffle_f32x4(a[i], a[i + 4], 0xDD));
+  for (int i = 0; i < 2; ++i) c[i] = _mm512_add_ps(_mm512_unpacklo_ps(b[i], b[i + 2]), _mm512_unpackhi_ps(b[i], b[i + 2]));
+  return _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], 0x44), _mm512_shuffle_ps(c[0], c[1], 0xEE));
+}
+
+// A cache entry's hd values as NV float32 vectors. bfloat16 entries load 32 values per 64 bytes,
+// split into even dims (shift) and odd dims (mask) as in dense_cpu.cc; queries are split the same
+// way once per row, and outputs merged back to natural order once per row.
+template <int NV>
+inline void load_entry(const float* e, __m512* out) {
+  for (int c = 0; c < NV; ++c) out[c] = _mm512_loadu_ps(e + 16 * c);
+}
+template <int NV>
+inline void load_entry(const uint16_t* e, __m512* out) {
+  for (int c = 0; c < NV / 2; ++c) {
+    const __m512i pairs = _mm512_loadu_si512(e + 32 * c);
+    out[2 * c] = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
+    out[2 * c + 1] = _mm512_castsi512_ps(_mm512_and_si512(pairs, _mm512_set1_epi32(int(0xffff0000u))));
+  }
+}
+template <int NV>
+inline void split(const float* q, __m512* out, float) { load_entry<NV>(q, out); }
+template <int NV>
+inline void split(const float* q, __m512* out, uint16_t) {
+  const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  for (int c = 0; c < NV / 2; ++c) {
+    const __m512 a = _mm512_loadu_ps(q + 32 * c), b = _mm512_loadu_ps(q + 32 * c + 16);
+    out[2 * c] = _mm512_permutex2var_ps(a, even, b);
+    out[2 * c + 1] = _mm512_permutex2var_ps(a, odd, b);
+  }
+}
+template <int NV>
+inline void store_merged(float* o, const __m512* acc, float) {
+  for (int c = 0; c < NV; ++c) _mm512_storeu_ps(o + 16 * c, acc[c]);
+}
+template <int NV>
+inline void store_merged(float* o, const __m512* acc, uint16_t) {
+  const __m512i first = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i second = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+  for (int c = 0; c < NV / 2; ++c) {
+    _mm512_storeu_ps(o + 32 * c, _mm512_permutex2var_ps(acc[2 * c], first, acc[2 * c + 1]));
+    _mm512_storeu_ps(o + 32 * c + 16, _mm512_permutex2var_ps(acc[2 * c], second, acc[2 * c + 1]));
+  }
+}
+
+struct Shape {
+  int64_t B, KV, R, T, S, groups;
+};
+
+// Rows [r0, r1) of head (b, h), NV = hd / 16. probs is scratch of (r1 - r0) x S16 floats.
+template <int NV, typename C>
+void attend(const Shape& d, const float* rows, const C* keys, const C* values, const bool* mask, float* out,
+            float* stats, int64_t b, int64_t h, int64_t r0, int64_t r1, float* probs, int64_t S16) {
+  constexpr int64_t hd = 16 * NV;
+  const float scale = 1.0f / std::sqrt(float(hd));
+  const int64_t entry = d.KV * hd;  // stride between cache entries
+  const C* kh = keys + (b * d.S * d.KV + h) * hd;
+  const C* vh = values + (b * d.S * d.KV + h) * hd;
+  const __m512 minus_inf = _mm512_set1_ps(-INFINITY);
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* q = rows + ((b * d.KV + h) * d.R + r) * hd;
+    const bool* seen = mask + (b * d.T + r / d.groups) * d.S;
+    float* p = probs + (r - r0) * S16;
+    __m512 qv[NV];
+    split<NV>(q, qv, C{});
+    float top = -INFINITY;
+    for (int64_t j0 = 0; j0 < S16; j0 += 16) {  // 16 entries at a time, each one dot product
+      const __mmask16 inside = j0 + 16 <= d.S ? __mmask16(0xffff) : __mmask16((1u << (d.S - j0)) - 1);
+      const __mmask16 live = _mm_test_epi8_mask(_mm_maskz_loadu_epi8(inside, seen + j0), _mm_set1_epi8(1));
+      if (!live) {
+        _mm512_storeu_ps(p + j0, minus_inf);
+        continue;
+      }
+      __m512 acc[16];
+      for (int i = 0; i < 16; ++i) {
+        const int64_t j = std::min(j0 + kSlot[i], d.S - 1);  // past the buffer: any entry, masked below
+        __m512 k[NV];
+        load_entry<NV>(kh + j * entry, k);
+        acc[i] = _mm512_mul_ps(qv[0], k[0]);
+        for (int c = 1; c < NV; ++c) acc[i] = _mm512_fmadd_ps(qv[c], k[c], acc[i]);
+      }
+      const __m512 scores = _mm512_mask_mov_ps(minus_inf, live, _mm512_mul_ps(sum_each(acc), _mm512_set1_ps(scale)));
+      _mm512_storeu_ps(p + j0, scores);
+      top = std::max(top, _mm512_reduce_max_ps(scores));
+    }
+    const bool none = top == -INFINITY;  // sees nothing: XLA's -1e30 fill makes that uniform
+    if (none)
+      for (int64_t j = 0; j < S16; ++j) p[j] = j < d.S ? 0.f : -INFINITY;
+    const __m512 topv = _mm512_set1_ps(none ? 0.f : top);
+    __m512 lanes = _mm512_setzero_ps();
+    for (int64_t j = 0; j < S16; j += 16) {
+      const __m512 s = _mm512_loadu_ps(p + j);
+      const __mmask16 live = _mm512_cmp_ps_mask(s, minus_inf, _CMP_NEQ_OQ);
+      const __m512 e = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(s, topv)));
+      _mm512_storeu_ps(p + j, e);
+      lanes = _mm512_add_ps(lanes, e);
+    }
+    const float sum = _mm512_reduce_add_ps(lanes);
+    for (int64_t j = 0; j < S16; j += 16)
+      _mm512_storeu_ps(p + j, round_to(_mm512_div_ps(_mm512_loadu_ps(p + j), _mm512_set1_ps(sum)), C{}));
+    float* st = stats + ((b * d.KV + h) * d.R + r) * 2;
+    st[0] = none ? -1e30f : top;
+    st[1] = sum;
+  }
+  // out = probs @ values: each value vector loaded once feeds every row of the block.
+  constexpr int RT = 24 / NV;
+  for (int64_t t0 = r0; t0 < r1; t0 += RT) {
+    const int rt = int(std::min<int64_t>(RT, r1 - t0));
+    __m512 acc[RT][NV];
+    for (int m = 0; m < RT; ++m)
+      for (int i = 0; i < NV; ++i) acc[m][i] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < d.S; ++j) {
+      bool any = false;
+      for (int m = 0; m < rt; ++m) any |= probs[(t0 - r0 + m) * S16 + j] != 0.f;
+      if (!any) continue;
+      __m512 vv[NV];
+      load_entry<NV>(vh + j * entry, vv);
+      for (int m = 0; m < rt; ++m) {
+        const __m512 pm = _mm512_set1_ps(probs[(t0 - r0 + m) * S16 + j]);
+        for (int i = 0; i < NV; ++i) acc[m][i] = _mm512_fmadd_ps(pm, vv[i], acc[m][i]);
+      }
+    }
+    for (int m = 0; m < rt; ++m) store_merged<NV>(out + ((b * d.KV + h) * d.R + t0 + m) * hd, acc[m], C{});
+  }
+}
+
+template <int NV, typename C>
+void run(ffi::ThreadPool& pool, const Shape& d, const float* rows, const C* keys, const C* values, const bool* mask,
+         float* out, float* stats) {
+  constexpr int64_t kRowsPerChunk = 24 / NV;
+  const int64_t blocks = (d.R + kRowsPerChunk - 1) / kRowsPerChunk;
+  const int64_t S16 = (d.S + 15) / 16 * 16;
+  parallel_chunks(pool, d.B * d.KV * blocks, [&, S16](int64_t c) {
+    const int64_t bh = c / blocks, r0 = c % blocks * kRowsPerChunk;
+    std::unique_ptr<float[]> probs(new float[kRowsPerChunk * S16]);
+    attend<NV>(d, rows, keys, values, mask, out, stats, bh / d.KV, bh % d.KV, r0, std::min(d.R, r0 + kRowsPerChunk),
+               probs.get(), S16);
+  });
+}
+
+template <typename C>
+ffi::Error dispatch(ffi::ThreadPool& pool, const Shape& d, int64_t hd, const float* rows, const C* keys,
+                    const C* values, const bool* mask, float* out, float* stats) {
+  switch (hd) {
+    case 32: run<2>(pool, d, rows, keys, values, mask, out, stats); break;
+    case 64: run<4>(pool, d, rows, keys, values, mask, out, stats); break;
+    case 128: run<8>(pool, d, rows, keys, values, mask, out, stats); break;
+    default: return ffi::Error::InvalidArgument("pass_jax_attention: head_dim must be 32, 64 or 128");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error Attention(ffi::ThreadPool pool, ffi::AnyBuffer rows, ffi::AnyBuffer keys, ffi::AnyBuffer values,
+                     ffi::AnyBuffer mask, ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> stats) {
+  const auto rd = rows.dimensions(), kd = keys.dimensions(), md = mask.dimensions();
+  if (rd.size() != 4 || kd.size() != 4 || md.size() != 3 || rows.element_type() != ffi::DataType::F32 ||
+      mask.element_type() != ffi::DataType::PRED || keys.element_type() != values.element_type() ||
+      kd[0] != rd[0] || kd[2] != rd[1] || kd[3] != rd[3] || md[0] != rd[0] || md[2] != kd[1] || rd[2] % md[1])
+    return ffi::Error::InvalidArgument("pass_jax_attention: want rows [B, KV, R, hd], keys/values [B, S, KV, hd], mask [B, T, S]");
+  const Shape d{rd[0], rd[1], rd[2], md[1], kd[1], rd[2] / md[1]};
+  const float* rp = rows.typed_data<float>();
+  const bool* mp = reinterpret_cast<const bool*>(mask.untyped_data());
+  float* op = out->typed_data<float>();
+  float* sp = stats->typed_data<float>();
+  if (keys.element_type() == ffi::DataType::F32)
+    return dispatch(pool, d, rd[3], rp, keys.typed_data<float>(), values.typed_data<float>(), mp, op, sp);
+  if (keys.element_type() == ffi::DataType::BF16)
+    return dispatch(pool, d, rd[3], rp, reinterpret_cast<const uint16_t*>(keys.untyped_data()),
+                    reinterpret_cast<const uint16_t*>(values.untyped_data()), mp, op, sp);
+  return ffi::Error::InvalidArgument("pass_jax_attention: the cache must be float32 or bfloat16");
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PassJaxAttention, Attention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());

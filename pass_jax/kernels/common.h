@@ -1,0 +1,66 @@
+// What the CPU kernels share: float32 vectors, bfloat16 widening, and the thread pool loop.
+#pragma once
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <immintrin.h>
+#include <memory>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace pass_jax {
+
+typedef float v16 __attribute__((vector_size(64)));
+
+inline v16 load_w(const float* p) {
+  v16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline v16 load_w(const uint16_t* p) {  // 16 bfloat16 -> 16 float32: the high half of each word
+  typedef uint16_t u16x16 __attribute__((vector_size(32)));
+  typedef uint32_t u32x16 __attribute__((vector_size(64)));
+  u16x16 h;
+  std::memcpy(&h, p, sizeof(h));
+  u32x16 wide = __builtin_convertvector(h, u32x16) << 16;
+  v16 v;
+  std::memcpy(&v, &wide, sizeof(v));
+  return v;
+}
+
+inline float to_float(float v) { return v; }
+inline float to_float(uint16_t v) {
+  uint32_t bits = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+struct Work {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+};
+
+// Chunks [0, chunks) are claimed from a shared counter by the calling thread and by helpers
+// scheduled on XLA's intra-op pool; the caller never waits for a helper to start, only for
+// chunks already claimed.
+template <typename F>
+void parallel_chunks(ffi::ThreadPool& pool, int64_t chunks, F chunk) {
+  auto work = std::make_shared<Work>();
+  auto body = [=](Work& s) {
+    for (int64_t c; (c = s.next.fetch_add(1)) < chunks;) {
+      chunk(c);
+      s.done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), chunks) - 1;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work, body] { body(*work); });
+  body(*work);
+  while (work->done.load(std::memory_order_acquire) < chunks) __builtin_ia32_pause();
+}
+
+}  // namespace pass_jax

@@ -1,0 +1,94 @@
+"""The CPU attention kernel (pass_jax/kernels/attention_cpu.cc) against the XLA ops it replaces."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pass_jax import cpu_kernel
+from pass_jax.model import _attend, _attend_kernel
+
+needs_kernel = pytest.mark.skipif(not cpu_kernel.available(), reason="kernel not built here (see the warning)")
+
+
+def _case(rng, b, kv, t, groups, s, hd, dtype, lengths):
+    rows = jnp.asarray(rng.standard_normal((b, kv, t * groups, hd)), dtype)
+    keys = jnp.asarray(rng.standard_normal((b, s, kv, hd)), dtype)
+    values = jnp.asarray(rng.standard_normal((b, s, kv, hd)), dtype)
+    seen = np.arange(s)[None, None, :] < (np.asarray(lengths)[:, None, None] + np.arange(t)[None, :, None] + 1)
+    return rows, keys, values, jnp.asarray(seen)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 3, 1, 3, 300, 64), (2, 3, 5, 3, 77, 64), (1, 2, 16, 4, 130, 128),
+                                   (1, 1, 3, 2, 20, 32)])
+def test_kernel_matches_xla_attention(dtype, shape):
+    """Output, max score and softmax mass, for buffers off multiples of 16 and a row that sees nothing."""
+    b, kv, t, groups, s, hd = shape
+    rng = np.random.default_rng(0)
+    rows, keys, values, mask = _case(rng, b, kv, t, groups, s, hd, dtype, rng.integers(1, s - t, b))
+    mask = mask.at[0, -1].set(False)  # XLA's -1e30 fill makes such a row uniform over the whole buffer
+    want, got = _attend(rows, keys, values, mask), cpu_kernel.attention(rows, keys, values, mask)
+    for name, w, g in zip(("out", "top", "mass"), want, got):
+        assert g.shape == w.shape, name
+        scale = 1 + np.abs(np.asarray(w))
+        err = np.max(np.abs(np.asarray(g) - np.asarray(w)) / scale)
+        assert err < (5e-4 if name == "out" and dtype == jnp.bfloat16 else 1e-5), (name, err)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_a_token_attends_alike_in_any_pass(dtype):
+    """Bit for bit: row t of a T-token pass equals the same token alone (cache one entry longer per
+    step), whatever the buffer length: a greedy verify pass reproduces autoregressive decoding."""
+    rng = np.random.default_rng(1)
+    t, length = 9, 40
+    rows, keys, values, mask = _case(rng, 1, 3, t, 3, 96, 64, dtype, [length])
+    out = np.asarray(cpu_kernel.attention(rows, keys, values, mask)[0])
+    for i in (0, 4, 8):
+        alone = rows[:, :, 3 * i: 3 * i + 3]
+        for s in (length + i + 1, 64, 96):  # the buffer an AR run or another method would allocate
+            got = cpu_kernel.attention(alone, keys[:, :s], values[:, :s], mask[:, i: i + 1, :s])[0]
+            np.testing.assert_array_equal(np.asarray(got), out[:, :, 3 * i: 3 * i + 3])
+
+
+@needs_kernel
+def test_gradients_are_xlas():
+    rng = np.random.default_rng(2)
+    rows, keys, values, mask = _case(rng, 1, 2, 4, 2, 40, 32, jnp.float32, [20])
+
+    def loss(f):
+        return lambda r, k, v: jnp.sum(f(r, k, v, mask)[0] ** 2)
+
+    got = jax.grad(loss(_attend_kernel), argnums=(0, 1, 2))(rows, keys, values)
+    want = jax.grad(loss(_attend), argnums=(0, 1, 2))(rows, keys, values)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5)
+
+
+@needs_kernel
+def test_the_model_attends_with_the_kernel(monkeypatch):
+    """A decode pass's layers call the kernel; with it off they take XLA's ops and agree."""
+    from pass_jax import model as M
+    from pass_jax.cache import KVCache
+    from pass_jax.config import ModelConfig
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32,
+                      max_position_embeddings=128)
+    params = M.init_params(cfg, jax.random.key(0))
+    cache = KVCache.create(cfg, 1, 48, jnp.float32).commit(jnp.asarray([10]))
+    tokens = jnp.arange(3)[None]
+
+    def run():
+        hidden, _ = M.forward(params, cfg, M.embed_tokens(params, tokens), 10 + tokens, M.causal_block_mask(tokens >= 0),
+                              cache)
+        return np.asarray(hidden)
+
+    calls = []
+    real = cpu_kernel.attention
+    monkeypatch.setattr(cpu_kernel, "attention", lambda *a: calls.append(1) or real(*a))
+    with_kernel = run()
+    assert len(calls) == cfg.num_layers
+    monkeypatch.setattr(cpu_kernel, "applies_attention", lambda *a: False)
+    np.testing.assert_allclose(run(), with_kernel, rtol=1e-5, atol=1e-5)
