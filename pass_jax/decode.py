@@ -216,8 +216,8 @@ def _tree_round(plan: DecodePlan, inp: Inputs, state: DecodeState, tree: DraftTr
     hidden, cache = _forward(plan, inp, embeds, state.cache.lengths[:, None] + offsets[None],
                              jnp.broadcast_to(block_mask, (b,) + block_mask.shape), state.cache, n)
     keys = position_keys(inp.row_keys, state.out_len[:, None] + depth[None])[:, :, EMIT]
-    end, draws = verify_tree(logits_from_hidden(params, hidden[:, :n]), tokens, valid, tree.parents, ancestors,
-                             spec.sampler, keys)
+    logits = logits_from_hidden(params, hidden)  # every slot at once: the head's weights are read once a round
+    end, draws = verify_tree(logits[:, :n], tokens, valid, tree.parents, ancestors, spec.sampler, keys)
     a = depth[end]  # accepted drafts
     # path[b, d]: the accepted node at depth d; emit its drafts, then the model's draw at the end node
     d = jnp.arange(tree.max_depth + 1)
@@ -240,7 +240,7 @@ def _tree_round(plan: DecodePlan, inp: Inputs, state: DecodeState, tree: DraftTr
         owner = jnp.argmax(jnp.where(with_block, depth[None], -1), 1)
         shift = a - depth[owner]
         slots = n + owner[:, None] * k + jnp.minimum(shift[:, None] + jnp.arange(k)[None], k - 1)
-        la_logits = logits_from_hidden(params, jnp.take_along_axis(hidden, slots[..., None], 1))
+        la_logits = jnp.take_along_axis(logits, slots[..., None], 1)
         state = state.replace(top_candidates=top_k(la_logits, tree.max_rank)[1].astype(jnp.int32),
                               n_drafts=jnp.maximum(k - shift, 0))
     return _emit(state, spec, emitted, a + 1, nxt)
