@@ -13,6 +13,8 @@ PASS_JAX_CPU_KERNEL=0, the model falls back to XLA's ops, with one warning namin
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import functools
 import hashlib
@@ -33,6 +35,7 @@ SOURCES = ("dense_cpu.cc", "attention_cpu.cc")  # with common.h
 TARGETS = {False: "pass_jax_dense", True: "pass_jax_dense_t"}  # w [K, N]; w [N, K] (tied head)
 ATTENTION = "pass_jax_attention"
 MAX_ROWS = 64  # up to here the kernel is at least as fast as XLA's dot; past it (prefill, training) XLA's GEMM
+_EVERY_PASS = contextvars.ContextVar("pass_jax_kernels_every_pass", default=frozenset())
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-std=c++20", "-shared", "-fPIC"]
 
 
@@ -101,9 +104,27 @@ def available() -> bool:
     return False
 
 
+@contextlib.contextmanager
+def every_pass(products: bool = True):
+    """Inside (at trace time) the kernels take passes of any size, not only up to MAX_ROWS rows
+    (with products=False only the attention kernel). The decode loop traces its rounds inside, so a
+    token is computed by the same arithmetic in a 1-token step and in a verify pass of any size, and
+    the prefill attends inside, so a prompt's entries do not depend on the cache buffer's length
+    (which differs between methods): greedy PaSS stays autoregressive decoding bit for bit."""
+    token = _EVERY_PASS.set(frozenset({"attention", "products"} if products else {"attention"}))
+    try:
+        yield
+    finally:
+        _EVERY_PASS.reset(token)
+
+
+def _few_rows(rows: int, kind: str) -> bool:
+    return rows <= MAX_ROWS or kind in _EVERY_PASS.get()
+
+
 def applies(x: jax.Array, w: jax.Array) -> bool:
-    """Use the kernel for this product: an unsharded CPU product of a few rows."""
-    return (w.ndim == 2 and w.dtype in (jnp.float32, jnp.bfloat16) and math.prod(x.shape[:-1]) <= MAX_ROWS
+    """Use the kernel for this product: an unsharded CPU product of a few rows (any inside `every_pass`)."""
+    return (w.ndim == 2 and w.dtype in (jnp.float32, jnp.bfloat16) and _few_rows(math.prod(x.shape[:-1]), "products")
             and jax.default_backend() == "cpu" and jax.device_count() == 1 and available())
 
 
@@ -138,8 +159,9 @@ def dense(x: jax.Array, w: jax.Array, transposed: bool = False) -> jax.Array:
 
 
 def applies_attention(rows: jax.Array, keys: jax.Array, mask: jax.Array) -> bool:
-    """Use the attention kernel: an unsharded CPU pass of at most MAX_ROWS tokens (mask [B, T, S])."""
-    return (keys.dtype in (jnp.float32, jnp.bfloat16) and rows.shape[-1] in (32, 64, 128) and mask.shape[1] <= MAX_ROWS
+    """Use the attention kernel: an unsharded CPU pass of at most MAX_ROWS tokens (mask [B, T, S]; any
+    inside `every_pass`)."""
+    return (keys.dtype in (jnp.float32, jnp.bfloat16) and rows.shape[-1] in (32, 64, 128) and _few_rows(mask.shape[1], "attention")
             and jax.default_backend() == "cpu" and jax.device_count() == 1 and available())
 
 

@@ -27,6 +27,7 @@ import numpy as np
 from flax import struct
 from jax.sharding import Mesh
 
+from . import cpu_kernel
 from .cache import KVCache, write_block
 from .config import ModelConfig
 from .lookahead import split_lookahead
@@ -100,12 +101,13 @@ class Inputs:
     prefix: jax.Array | None = None  # deep look-ahead: [layers, 2, P, KV, hd] keys/values only look-aheads see
 
 
-def _forward(plan: DecodePlan, inp: Inputs, embeds, positions, mask, cache, n_real: int):
+def _forward(plan: DecodePlan, inp: Inputs, embeds, positions, mask, cache, n_real: int, visible=None):
     """The decoder over a block whose slots from n_real on are look-aheads (they alone see a deep prefix)."""
     rows = None
     if inp.prefix is not None:
         rows = jnp.broadcast_to(jnp.arange(embeds.shape[1]) >= n_real, embeds.shape[:2])
-    return forward(inp.params, plan.cfg, embeds, positions, mask, cache, prefix=inp.prefix, prefix_rows=rows)
+    return forward(inp.params, plan.cfg, embeds, positions, mask, cache, visible=visible, prefix=inp.prefix,
+                   prefix_rows=rows)
 
 
 def block_layout(lengths, last_token, n_tok: int, n_la: int):
@@ -247,18 +249,19 @@ def _tree_round(plan: DecodePlan, inp: Inputs, state: DecodeState, tree: DraftTr
 
 
 def _prefill(plan: DecodePlan, inp: Inputs) -> DecodeState:
-    """Run the padded prompts (plus a look-ahead block after each row's last token); emit the first token."""
+    """Run the padded prompts (then a look-ahead block after each row's last token); emit the first token."""
     params, cfg, spec, prompts = inp.params, plan.cfg, plan.spec, inp.prompts
     b, tp = prompts.shape
     use_la, k = spec.draft.lookahead, spec.k
     cache = KVCache.create(cfg, b, plan.max_len, params["embed"].dtype)
-    embeds = embed_tokens(params, prompts)
-    if use_la:
-        la = inp.lookahead.astype(jnp.float32)
-        embeds = jnp.concatenate([embeds, jnp.broadcast_to(la, (b,) + la.shape)], 1)
     last = inp.prompt_lens - 1
-    positions, mask = block_layout(cache.lengths, last, tp, k if use_la else 0)
-    hidden, cache = _forward(plan, inp, embeds, positions, mask, cache, tp)
+    positions, mask = block_layout(cache.lengths, last, tp, 0)
+    # The attention kernel at any length: a prompt's entries must not depend on the cache buffer's
+    # length, which differs between methods. Products past 64 rows stay XLA's, the same for every method.
+    with cpu_kernel.every_pass(products=False):
+        hidden, cache = _forward(plan, inp, embed_tokens(params, prompts), positions, mask, cache, tp)
+        if use_la:
+            la_hidden, cache = _prefill_lookahead(plan, inp, cache, last)
     rows = jnp.arange(b)
     logits = logits_from_hidden(params, hidden[rows, last])[:, None]
     zero = jnp.zeros((b,), jnp.int32)
@@ -272,13 +275,26 @@ def _prefill(plan: DecodePlan, inp: Inputs) -> DecodeState:
         accepted=jnp.zeros((spec.max_drafts,), jnp.int32), draft_rounds=jnp.int32(0),
         node_hits=jnp.zeros((spec.tree.num_nodes,), jnp.int32) if spec.is_tree else None)
     if use_la and spec.is_tree:
-        top = top_k(logits_from_hidden(params, hidden[:, tp:]), spec.tree.max_rank)[1]
+        top = top_k(logits_from_hidden(params, la_hidden), spec.tree.max_rank)[1]
         state = state.replace(top_candidates=top.astype(jnp.int32), n_drafts=jnp.full((b,), k, jnp.int32))
     elif use_la:
-        new, q = _drafts_from_logits(logits_from_hidden(params, hidden[:, tp:]), spec, inp.row_keys,
+        new, q = _drafts_from_logits(logits_from_hidden(params, la_hidden), spec, inp.row_keys,
                                      jnp.ones((b,), jnp.int32))
         state = state.replace(drafts=new, draft_probs=q.astype(jnp.float32), n_drafts=jnp.full((b,), k, jnp.int32))
     return _emit(state, spec, first[:, None], jnp.ones_like(zero), first, commit=inp.prompt_lens)
+
+
+def _prefill_lookahead(plan: DecodePlan, inp: Inputs, cache: KVCache, last):
+    """The look-ahead block after each row's last prompt token, as a pass of its own (written after the
+    padded prompt, seeing the prompt up to `last`): the prompt's own pass is then exactly autoregressive
+    decoding's, whichever path (kernel or XLA) a pass of that size takes."""
+    b, tp, k = inp.prompts.shape[0], inp.prompts.shape[1], plan.spec.k
+    embeds = jnp.broadcast_to(inp.lookahead.astype(jnp.float32), (b,) + inp.lookahead.shape)
+    slot, i = jnp.arange(cache.max_len)[None, None, :], jnp.arange(k)[None, :, None]
+    visible = (slot <= last[:, None, None]) | ((slot >= tp) & (slot <= tp + i))
+    after = cache.replace(lengths=jnp.full((b,), tp, jnp.int32))
+    hidden, after = _forward(plan, inp, embeds, last[:, None] + 1 + jnp.arange(k)[None], None, after, 0, visible)
+    return hidden, after.replace(lengths=cache.lengths)
 
 
 def _draft_with_model(plan: DecodePlan, inp: Inputs, state: DecodeState) -> DecodeState:
@@ -407,5 +423,6 @@ class DecodePlan:
         state = _prefill(self, inp)
         if method.prefill is not None:
             state = method.prefill(self, inp, state)
-        return jax.lax.while_loop(lambda st: ~jnp.all(st.done), lambda st: self._pin(method.round(self, inp, st)),
-                                  self._pin(state))
+        with cpu_kernel.every_pass():  # every round's arithmetic per token is a 1-token step's
+            return jax.lax.while_loop(lambda st: ~jnp.all(st.done), lambda st: self._pin(method.round(self, inp, st)),
+                                      self._pin(state))

@@ -172,3 +172,53 @@ def test_greedy_speculative_equals_autoregressive(small_vocab_model, k):
     own = pj.generate(m, PROMPTS, max_new_tokens=40, eos_token_id=(), method="speculative", k=k, draft_model=m)
     assert own.token_ids == pj.generate(m, PROMPTS, max_new_tokens=40, eos_token_id=()).token_ids
     assert own.stats.acceptance_by_position == [1.0] * k
+
+
+@pytest.mark.parametrize("tp", [62, 70])
+def test_prompt_pass_is_autoregressive_decodings_whatever_the_lookahead(tp):
+    """Bit for bit: the prompt's cache entries and first token after a PaSS prefill equal AR's: for a
+    prompt of 62 slots whose pass with a 4-token look-ahead block would cross the CPU kernels' 64-row
+    limit (the block runs as a pass of its own), and for a 70-slot prompt with a longer cache buffer
+    (attention does not depend on the buffer's length)."""
+    from pass_jax.decode import Inputs, _prefill
+
+    m, k = tiny_model(vocab=50, hidden=64, layers=2, heads=2, kv_heads=1, seed=3), 4
+    prompts = jnp.asarray(np.random.default_rng(0).integers(0, 50, (2, tp)))
+    lens = jnp.asarray([tp, 40])
+    la = pj.init_lookahead(m.params, k, "random", key=jax.random.key(0))
+    states = {}
+    for method, lookahead, max_len in (("ar", None, 96), ("pass", la, 160)):
+        plan = DecodePlan(m.config, DecodeSpec(method, k, "fused", pj.Sampler(), 8, ()), max_len=max_len)
+        inp = Inputs(m.params, lookahead, prompts, lens, jnp.zeros((2, 2), jnp.uint32))
+        states[method] = jax.jit(functools.partial(_prefill, plan))(inp)
+    ar, ps = states["ar"], states["pass"]
+    np.testing.assert_array_equal(np.asarray(ps.pending), np.asarray(ar.pending))
+    for a, p in zip(ar.cache.keys + ar.cache.values, ps.cache.keys + ps.cache.values):
+        for row, n in enumerate(np.asarray(lens)):
+            np.testing.assert_array_equal(np.asarray(p[row, :n]), np.asarray(a[row, :n]))
+
+
+def test_every_round_takes_the_cpu_kernels_whatever_its_size(monkeypatch):
+    """A tree pass of more than 64 tokens still computes each token as a 1-token step does (the CPU
+    kernels, where they are built), and its greedy output is autoregressive decoding's."""
+    from pass_jax import cpu_kernel
+
+    if not cpu_kernel.available():
+        pytest.skip("CPU kernels not built here")
+    x, w = jnp.ones((100, 16)), jnp.ones((16, 8))
+    assert not cpu_kernel.applies(x, w)
+    with cpu_kernel.every_pass():
+        assert cpu_kernel.applies(x, w)
+    assert not cpu_kernel.applies(x, w)
+    m, k = tiny_model(vocab=50, hidden=64, layers=2, heads=2, kv_heads=1, seed=4), 4
+    sizes = []
+    real = cpu_kernel.dense
+    monkeypatch.setattr(cpu_kernel, "dense", lambda x, w, *a: sizes.append(x.shape[1]) or real(x, w, *a))
+    la = pj.init_lookahead(m.params, k, "random", key=jax.random.key(1))
+    tree = "8,4,2,1;ngram=4"
+    assert pj.DraftTree.parse(tree).num_tokens(k) > 64
+    prompts = [[1, 2, 3, 4], [5, 6, 7]]
+    got = pj.generate(m, prompts, max_new_tokens=20, method="pass", k=k, lookahead=la, tree=tree, eos_token_id=())
+    assert max(sizes) > 64
+    ar = pj.generate(m, prompts, max_new_tokens=20, eos_token_id=())
+    assert got.token_ids == ar.token_ids
