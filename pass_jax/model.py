@@ -40,7 +40,19 @@ def dense(x: jax.Array, w: jax.Array) -> jax.Array:
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     x = x.astype(jnp.float32)
-    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps) * w.astype(jnp.float32)
+    return x * jax.lax.rsqrt(_sum_in_fixed_order(x * x)[..., None] / x.shape[-1] + eps) * w.astype(jnp.float32)
+
+
+def _sum_in_fixed_order(v: jax.Array) -> jax.Array:
+    """Sum over the last axis by pairwise halving. XLA's own reduce sums a row in an order that depends
+    on how many rows there are (on the CPU a 1-token and a 2-token pass disagreed in the last bit),
+    which let a verify pass differ from a 1-token step; this order depends only on the row."""
+    while v.shape[-1] > 1:
+        if v.shape[-1] % 2:
+            v = jnp.concatenate([v, jnp.zeros_like(v[..., :1])], -1)
+        half = v.shape[-1] // 2
+        v = v[..., :half] + v[..., half:]
+    return v[..., 0]
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Array:
