@@ -68,11 +68,7 @@ inline void load_entry(const float* e, __m512* out) {
 }
 template <int NV>
 inline void load_entry(const uint16_t* e, __m512* out) {
-  for (int c = 0; c < NV / 2; ++c) {
-    const __m512i pairs = _mm512_loadu_si512(e + 32 * c);
-    out[2 * c] = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
-    out[2 * c + 1] = _mm512_castsi512_ps(_mm512_and_si512(pairs, _mm512_set1_epi32(int(0xffff0000u))));
-  }
+  for (int c = 0; c < NV / 2; ++c) load_pairs(e + 32 * c, out[2 * c], out[2 * c + 1]);
 }
 template <int NV>
 inline void split(const float* q, __m512* out, float) { load_entry<NV>(q, out); }
@@ -92,12 +88,7 @@ inline void store_merged(float* o, const __m512* acc, float) {
 }
 template <int NV>
 inline void store_merged(float* o, const __m512* acc, uint16_t) {
-  const __m512i first = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  const __m512i second = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
-  for (int c = 0; c < NV / 2; ++c) {
-    _mm512_storeu_ps(o + 32 * c, _mm512_permutex2var_ps(acc[2 * c], first, acc[2 * c + 1]));
-    _mm512_storeu_ps(o + 32 * c + 16, _mm512_permutex2var_ps(acc[2 * c], second, acc[2 * c + 1]));
-  }
+  for (int c = 0; c < NV / 2; ++c) store_interleaved(o + 32 * c, acc[2 * c], acc[2 * c + 1]);
 }
 
 struct Shape {
