@@ -69,17 +69,21 @@ def embed_tokens(params: Params, tokens: jax.Array) -> jax.Array:
     return params["embed"][tokens].astype(jnp.float32)
 
 
-def _attention(q, keys, values, mask, cfg: ModelConfig, prefix=None, prefix_rows=None):
+def _attention(q, keys, values, mask, cfg: ModelConfig, prefix=None, prefix_rows=None, local=None):
     """Grouped-query attention of q [B, T, H, hd] over the whole buffer keys/values [B, S, KV, hd].
 
     Each KV head's T x groups queries are one block of rows [B, KV, T * groups, hd]. A decode pass on
     one CPU device attends in one kernel call per layer (cpu_kernel.py); otherwise `_attend`'s XLA ops.
+    local = (keys, values [B, T, KV, hd], n): the pass's own entries, which are not in the buffer, seen
+    in blocks of n slots (training's look-ahead blocks; see `forward`).
     prefix ([2, P, KV, hd] keys and values, deep look-ahead) is seen by the rows where prefix_rows [B, T]."""
     b, t, _, hd = q.shape
     kv, groups = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
     rows = q.reshape(b, t, kv, groups, hd).astype(keys.dtype).transpose(0, 2, 1, 3, 4).reshape(b, kv, t * groups, hd)
     attend = _attend_kernel if cpu_kernel.applies_attention(rows, keys, mask) else _attend
     out, top, mass = attend(rows, keys, values, mask)
+    if local is not None:
+        out, top, mass = _merge((out, top, mass), _attend_local(rows, *local))
     if prefix is not None:
         out = _fold_prefix(rows, top, mass, out, prefix.astype(keys.dtype), jnp.repeat(prefix_rows, groups, axis=1))
     return out.reshape(b, kv, t, groups, hd).transpose(0, 2, 1, 3, 4).reshape(b, t, cfg.num_heads * hd)
@@ -98,6 +102,32 @@ def _attend(rows, keys, values, mask):
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum("bkrs,bksd->bkrd", probs.astype(values.dtype), values_t, preferred_element_type=jnp.float32)
     return out, top, jnp.sum(jnp.exp(scores - top[..., None]), -1)
+
+
+def _attend_local(rows, keys, values, n: int):
+    """rows [B, KV, T * groups, hd] over the pass's own keys/values [B, T, KV, hd], cut into blocks of n
+    slots: a row sees the slots of its block up to its own. Returns (out, top, mass) as `_attend` does."""
+    b, kv, r, hd = rows.shape
+    t = keys.shape[1]
+    groups, blocks = r // t, t // n
+    q = rows.reshape(b, kv, blocks, n * groups, hd)
+    kb, vb = (x.astype(rows.dtype).transpose(0, 2, 1, 3).reshape(b, kv, blocks, n, hd) for x in (keys, values))
+    scores = jnp.einsum("bkpqd,bkpjd->bkpqj", q, kb, preferred_element_type=jnp.float32) * (hd ** -0.5)
+    sees = jnp.arange(n * groups)[:, None] // groups >= jnp.arange(n)[None, :]  # query slot >= key slot
+    scores = jnp.where(sees, scores, -1e30)
+    top = scores.max(-1)
+    weights = jnp.exp(scores - top[..., None])
+    mass = weights.sum(-1)
+    out = jnp.einsum("bkpqj,bkpjd->bkpqd", weights.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
+    return (out / mass[..., None]).reshape(b, kv, r, hd), top.reshape(b, kv, r), mass.reshape(b, kv, r)
+
+
+def _merge(a, b):
+    """One softmax over two disjoint key sets, from each set's (out, max score, mass)."""
+    (out_a, top_a, mass_a), (out_b, top_b, mass_b) = a, b
+    top = jnp.maximum(top_a, top_b)
+    wa, wb = mass_a * jnp.exp(top_a - top), mass_b * jnp.exp(top_b - top)
+    return (wa[..., None] * out_a + wb[..., None] * out_b) / (wa + wb)[..., None], top, wa + wb
 
 
 @jax.custom_vjp
@@ -138,7 +168,7 @@ def _fold_prefix(rows, top, mass, out, prefix, seen):
 
 def forward(params: Params, cfg: ModelConfig, embeds: jax.Array, positions: jax.Array,
             block_mask: jax.Array, cache: KVCache, visible: jax.Array | None = None, prefix: jax.Array | None = None,
-            prefix_rows: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+            prefix_rows: jax.Array | None = None, local_blocks: int | None = None) -> tuple[jax.Array, KVCache]:
     """Run a block of T new inputs through the decoder.
 
     embeds [B, T, D] (token embeddings or look-ahead vectors), positions [B, T] RoPE positions,
@@ -148,6 +178,9 @@ def forward(params: Params, cfg: ModelConfig, embeds: jax.Array, positions: jax.
     real tokens only up to its insertion point). prefix [layers, 2, P, KV, hd] (deep look-ahead):
     learned keys/values that only the rows where prefix_rows [B, T] attend to, before the cache;
     every other row computes exactly what it computes without them.
+    local_blocks=n (training): the T inputs are T / n independent blocks of n that see the cache per
+    `visible` plus their own block causally; their keys/values are not written (the buffer stays as
+    long as the real tokens, and no row scores the other blocks' entries).
     Returns the final-normed hidden states [B, T, D] and the cache with the block written.
     """
     mask = attention_mask(cache.lengths, block_mask, cache.max_len) if visible is None else visible
@@ -165,10 +198,14 @@ def forward(params: Params, cfg: ModelConfig, embeds: jax.Array, positions: jax.
         q = apply_rope(qkv[..., : nq * hd].reshape(b, t, nq, hd), positions, cfg)
         k = apply_rope(qkv[..., nq * hd: (nq + nkv) * hd].reshape(b, t, nkv, hd), positions, cfg)
         v = qkv[..., (nq + nkv) * hd:].reshape(b, t, nkv, hd)
-        keys[i] = write_block(keys[i], k, cache.lengths)
-        values[i] = write_block(values[i], v, cache.lengths)
-        attn = dense(_attention(q, keys[i], values[i], mask, cfg, None if prefix is None else prefix[i], prefix_rows),
-                     layer["o"])
+        local = None
+        if local_blocks is None:
+            keys[i] = write_block(keys[i], k, cache.lengths)
+            values[i] = write_block(values[i], v, cache.lengths)
+        else:
+            local = (k, v, local_blocks)
+        attn = dense(_attention(q, keys[i], values[i], mask, cfg, None if prefix is None else prefix[i], prefix_rows,
+                                local), layer["o"])
         x = x + (attn + layer["o_bias"].astype(jnp.float32) if "o_bias" in layer else attn)
         gate, up = jnp.split(dense(rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps), layer["gate_up"]), 2, axis=-1)
         x = x + dense(jax.nn.silu(gate) * up, layer["down"])

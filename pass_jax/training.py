@@ -60,8 +60,23 @@ class TrainLayout:
         return positions.astype(np.int32), mask, (t + 1 + i).astype(np.int32)
 
 
+def real_pass(params, cfg: ModelConfig, tokens) -> tuple[jax.Array, KVCache]:
+    """The first of the loss's two passes: the real tokens [B, L], causal, without gradient.
+
+    Returns their final hidden states [B, L, D] and their keys/values, committed. Nothing in it
+    depends on the look-ahead, so a run whose rows recur (self-generated data, many epochs) can run
+    it once per row and hand it to `lookahead_loss` as `real`.
+    """
+    params = jax.lax.stop_gradient(params)
+    b, length = tokens.shape
+    causal = jnp.broadcast_to(jnp.tril(jnp.ones((length, length), bool)), (b, length, length))
+    hidden, cache = forward(params, cfg, embed_tokens(params, tokens), jnp.broadcast_to(jnp.arange(length), (b, length)),
+                            causal, KVCache.create(cfg, b, length, params["embed"].dtype))
+    return hidden, cache.commit(jnp.full((b,), length))
+
+
 def lookahead_loss(lookahead, params, cfg: ModelConfig, tokens, layout: TrainLayout, loss: str = "ce",
-                   decay: float = 1.0, target_mask=None, top_c: tuple[int, ...] | None = None):
+                   decay: float = 1.0, target_mask=None, top_c: tuple[int, ...] | None = None, real=None):
     """Mean loss of the look-ahead predictions over a batch of token sequences [B, L].
 
     lookahead: [k, D] embeddings or a DeepLookahead (then its prefix is trained too).
@@ -72,12 +87,13 @@ def lookahead_loss(lookahead, params, cfg: ModelConfig, tokens, layout: TrainLay
     i accepts; default 1 each: the chain), softplus(c-th best other logit - target logit) added to the
     cross-entropy, which keeps the rest of the distribution in shape. Look-ahead i is weighted decay**(i-1)
     (deep look-aheads are rarely reached); target_mask [B, L] drops targets that are not the model's
-    own tokens (prompts, padding after EOS).
+    own tokens (prompts, padding after EOS). real: `real_pass(params, cfg, tokens)`, if already run.
 
     Two passes: the real tokens run once with no gradient (nothing of theirs depends on the leaf: they
     never attend to a look-ahead), leaving their keys/values in a cache; then only the look-ahead
-    blocks run through the decoder, attending to that cache, and only they are differentiated. The
-    backward pass is as long as the look-ahead blocks, not the sequence.
+    blocks run through the decoder, attending to that cache and each to its own block only
+    (`forward(local_blocks=k)`), and only they are differentiated. The backward pass is as long as the
+    look-ahead blocks, not the sequence, and no block scores the other blocks' keys.
     """
     lookahead, prefix = split_lookahead(lookahead)
     b, length = tokens.shape
@@ -89,15 +105,11 @@ def lookahead_loss(lookahead, params, cfg: ModelConfig, tokens, layout: TrainLay
     positions, mask, target_idx = (jnp.asarray(a) for a in layout.arrays())
     n = target_idx.shape[0]
     params = jax.lax.stop_gradient(params)
-    cache = KVCache.create(cfg, b, length + n, params["embed"].dtype)
-    real_mask = jnp.broadcast_to(mask[:length, :length], (b, length, length))
-    hidden, cache = forward(params, cfg, embed_tokens(params, tokens), jnp.broadcast_to(positions[:length], (b, length)),
-                            real_mask, cache)
-    cache = jax.lax.stop_gradient(cache).commit(jnp.full((b,), length))
+    hidden, cache = jax.lax.stop_gradient(real_pass(params, cfg, tokens) if real is None else real)
     blocks = jnp.broadcast_to(jnp.tile(lookahead, (n // layout.k, 1)), (b, n, lookahead.shape[1]))
     la_hidden, _ = forward(params, cfg, blocks, jnp.broadcast_to(positions[length:], (b, n)), None, cache,
-                           visible=jnp.broadcast_to(mask[length:], (b, n, length + n)), prefix=prefix,
-                           prefix_rows=None if prefix is None else jnp.ones((b, n), bool))
+                           visible=jnp.broadcast_to(mask[length:, :length], (b, n, length)), prefix=prefix,
+                           prefix_rows=None if prefix is None else jnp.ones((b, n), bool), local_blocks=layout.k)
     student = jax.nn.log_softmax(logits_from_hidden(params, la_hidden), -1)  # [B, n, V]
     if loss in ("ce", "topc"):
         per_target = -jnp.take_along_axis(student, tokens[:, target_idx][..., None], -1)[..., 0]
@@ -131,14 +143,15 @@ def _top_c_hinge(scores, targets, top_c):
 
 def make_train_step(cfg: ModelConfig, layout: TrainLayout, loss: str, tx, replicated=None, decay: float = 1.0,
                     top_c: tuple[int, ...] | None = None):
-    """A jitted step(leaf, opt_state, params, tokens, target_mask=None) -> (leaf, opt_state, loss) on the leaf only.
+    """A jitted step(leaf, opt_state, params, tokens, target_mask=None, real=None) -> (leaf, opt_state, loss) on
+    the leaf only (real: the batch's `real_pass`, where the caller keeps them).
 
     `replicated` (a NamedSharding) keeps leaf and optimizer state replicated on a mesh, where GSPMD
     would otherwise split them like the base weights they meet.
     """
-    def step(lookahead, opt_state, params, tokens, target_mask=None):
+    def step(lookahead, opt_state, params, tokens, target_mask=None, real=None):
         value, grad = jax.value_and_grad(lookahead_loss)(lookahead, params, cfg, tokens, layout, loss, decay,
-                                                         target_mask, top_c)
+                                                         target_mask, top_c, real)
         updates, opt_state = tx.update(grad, opt_state, lookahead)
         return optax.apply_updates(lookahead, updates), opt_state, value
 

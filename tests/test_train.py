@@ -18,7 +18,8 @@ from pass_jax.cache import KVCache
 from pass_jax.checkpoint import load_lookahead
 from pass_jax.decode import block_layout
 from pass_jax.model import embed_tokens, forward, logits_from_hidden
-from pass_jax.training import TrainLayout, lookahead_loss, make_train_step
+from pass_jax.sharding import make_mesh
+from pass_jax.training import TrainLayout, lookahead_loss, make_train_step, real_pass
 
 from .conftest import build_hf_model, run_and_kill_after_checkpoint, tiny_model
 
@@ -113,6 +114,40 @@ def test_two_pass_loss_and_gradient_equal_one_pass_over_everything(loss):
     grad = jax.grad(lookahead_loss)(la, m.params, m.config, tokens, layout, loss, 0.8, jnp.asarray(target_mask))
     ref = jax.grad(_one_pass_loss)(la, m, tokens, layout, loss, 0.8, target_mask)
     np.testing.assert_allclose(grad, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("loss", ["ce", "distill"])
+def test_a_kept_real_pass_is_the_one_the_loss_would_run(loss):
+    """`real` replaces the loss's first pass exactly; rows looked up from a RealPasses store (built in chunks that
+    do not divide the rows) are the rows' own passes; and a real pass of other tokens changes the loss."""
+    from train.reuse import RealPasses
+
+    m = tiny_model(vocab=17, layers=2, heads=4, kv_heads=2, scale=0.5)
+    layout, la = TrainLayout(20, 3, 2), pj.init_lookahead(m.params, 3, "random")
+    data = np.random.default_rng(1).integers(0, 17, (5, 20)).astype(np.int32)
+    store = RealPasses(m.params, m.config, data, chunk=2, mesh=make_mesh(1, 1), quiet=True)
+    rows = np.array([4, 1, 4])
+    tokens = jnp.asarray(data[rows])
+    kept = store.get(rows, make_mesh(1, 1))
+    own = real_pass(m.params, m.config, tokens)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), kept, own)
+    value_grad = jax.value_and_grad(lookahead_loss)
+    ref, ref_grad = value_grad(la, m.params, m.config, tokens, layout, loss, 0.8)
+    got, got_grad = value_grad(la, m.params, m.config, tokens, layout, loss, 0.8, real=kept)
+    assert float(got) == pytest.approx(float(ref), rel=1e-6)
+    np.testing.assert_allclose(got_grad, ref_grad, rtol=1e-4, atol=1e-5)
+    other = real_pass(m.params, m.config, jnp.asarray(data[[0, 2, 3]]))
+    assert abs(float(lookahead_loss(la, m.params, m.config, tokens, layout, loss, 0.8, real=other)) - float(ref)) > 1e-3
+
+
+def test_training_with_kept_real_passes_matches_rerunning_them(base_dir, tmp_path):
+    runs = {}
+    for name, extra in (("kept", ()), ("rerun", ("--no-reuse",))):
+        res = subprocess.run(_train_cmd(base_dir, tmp_path / name, *extra, steps=10), check=True, env=_env(), cwd=REPO,
+                             capture_output=True, text=True)
+        assert ("real tokens once" in res.stderr) == (name == "kept"), res.stderr
+        runs[name] = _leaf(tmp_path / name, base_dir)
+    np.testing.assert_allclose(runs["kept"], runs["rerun"], atol=1e-5)
 
 
 def _one_pass_loss(la, m, tokens, layout, loss, decay, target_mask):
@@ -314,12 +349,14 @@ def test_sweep_trains_each_variant_once_on_shared_data_and_tables_them(tmp_path)
     assert "tok/fwd tree 2,1" in (tmp_path / "out" / "sweep.md").read_text()
 
 
-def test_bench_step_times_both_formulations(tmp_path, capsys):
+def test_bench_step_times_every_formulation(tmp_path, capsys):
     from train.__main__ import main
 
     out = tmp_path / "s.json"
     assert main(["bench-step", "--k", "2", "--batch-size", "2", "--seq-len", "16", "--strides", "2,4", "--repeats", "1",
                  "--single-pass", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert {(r["stride"], r["formulation"]) for r in rows} == {(s, f) for s in (2, 4) for f in ("two_pass", "single_pass")}
+    assert {(r["stride"], r["formulation"]) for r in rows} == {(s, f) for s in (2, 4)
+                                                               for f in ("two_pass", "kept_real", "single_pass")}
     assert all(r["seconds_per_step"] > 0 and r["lookahead_targets_per_second"] > 0 for r in rows)
+    assert all((r["formulation"] == "kept_real") == ("real_pass_seconds_per_batch" in r) for r in rows)

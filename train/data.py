@@ -81,8 +81,12 @@ class RowBatches:
         self.tokens, self.mask, self.heldout = tokens[:split], mask[:split], (tokens[split:], mask[split:])
         self.batch_size, self.seed = batch_size, seed
 
+    def rows(self, step: int) -> np.ndarray:
+        """Indices into self.tokens of batch `step`'s rows."""
+        return np.random.default_rng([self.seed, step]).integers(0, len(self.tokens), self.batch_size)
+
     def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-        rows = np.random.default_rng([self.seed, step]).integers(0, len(self.tokens), self.batch_size)
+        rows = self.rows(step)
         return self.tokens[rows], self.mask[rows]
 
     def eval_prompts(self, n: int, length: int) -> list[list[int]]:

@@ -77,6 +77,10 @@ def add_parser(sub) -> None:
     p.add_argument("--eval-every", type=int, default=50, help="measure PaSS tokens per forward every M steps")
     p.add_argument("--eval-prompts", type=int, default=4)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="base weight dtype")
+    p.add_argument("--no-reuse", action="store_true",
+                   help="--data self: rerun each batch's real tokens every step instead of running every row's "
+                        "once and keeping its keys/values in memory (the default where they fit in half the free "
+                        "memory of a single-process run; about a third of a step)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--mesh", default=None, help="DATA,MODEL device mesh, e.g. 2,4: batch split over DATA, "
                    "base weights over MODEL (default: one device)")
@@ -261,6 +265,24 @@ def run(args) -> int:
         state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(state))
         if primary:
             print(f"resumed from step {start}", file=sys.stderr)
+    reuse, reuse_seconds = None, 0.0
+    draws = (args.steps - start) * args.batch_size  # rows the steps left will draw: worth it if rows recur
+    if isinstance(batches, RowBatches) and not args.no_reuse and jax.process_count() == 1 \
+            and draws > len(batches.tokens):
+        from .reuse import RealPasses, available_bytes, bytes_per_row
+
+        need, free = len(batches.tokens) * bytes_per_row(model.config, args.seq_len, args.dtype), available_bytes()
+        if need <= free // 2:
+            if primary:
+                print(f"running each of {len(batches.tokens)} rows' real tokens once, kept in memory "
+                      f"({need / 2**30:.2f} GB)", file=sys.stderr)
+            t_reuse = time.perf_counter()
+            reuse = RealPasses(params, model.config, batches.tokens, args.batch_size, mesh, args.quiet)
+            reuse_seconds = time.perf_counter() - t_reuse  # counted as training time: it replaces steps' work
+        elif primary:
+            print(f"each step reruns its real tokens: keeping every row's would take {need / 2**30:.1f} GB of the "
+                  f"{free / 2**30:.1f} GB free", file=sys.stderr)
+
     metrics_path = out / "metrics.jsonl"
     prompts = batches.eval_prompts(args.eval_prompts, min(32, args.seq_len))
 
@@ -281,7 +303,7 @@ def run(args) -> int:
                desc="look-ahead", unit="step", file=sys.stderr)
     clock = out / "train_seconds.txt"  # step time only (no evaluation), summed over sittings
     trained = float(clock.read_text()) if args.resume and clock.is_file() else 0.0
-    loss, t0, tokens_seen, this_run = float("nan"), time.perf_counter(), 0, 0.0
+    loss, t0, tokens_seen, this_run = float("nan"), time.perf_counter(), 0, reuse_seconds
     curve, since_save = out / "loss.jsonl", []  # the loss curve: mean loss per checkpoint interval
     if primary:
         rows = curve.read_text().splitlines() if args.resume and curve.is_file() else []
@@ -290,8 +312,9 @@ def run(args) -> int:
         t_step = time.perf_counter()
         batch = batches.batch(step)
         tokens, mask = batch if isinstance(batch, tuple) else (batch, np.ones(batch.shape, bool))
+        real = None if reuse is None else reuse.get(batches.rows(step), mesh)
         la, opt_state, value = train_step(state["lookahead"], state["opt_state"], params, shard_batch(tokens, mesh),
-                                          shard_batch(mask, mesh))
+                                          shard_batch(mask, mesh), real)
         state = {"lookahead": la, "opt_state": opt_state}
         loss = float(value)
         since_save.append(loss)

@@ -2,13 +2,17 @@
 
 For each --dtypes and --strides: the median of --repeats steps after a compiled warm-up, on random token
 rows of --batch-size x --seq-len, as sequence tokens per second and look-ahead targets per second.
---single-pass also times the formulation the two-pass loss replaced (real tokens and blocks in one pass,
-differentiated whole), side by side in the same run. JSON on stdout and in --out.
+Formulations, side by side in the same run: "two_pass" (the step as `train lookahead` runs it on data
+that does not recur); "kept_real" (the step given the batch's real-token pass, as it runs on
+self-generated data, whose rows' passes are run once and kept; the row also gives that pass's own
+time per batch, paid once per row and sitting); with --single-pass, the formulation the two-pass loss
+replaced (real tokens and blocks in one pass, differentiated whole). JSON on stdout and in --out.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -62,25 +66,31 @@ def one_pass_loss(lookahead, params, cfg, tokens, layout, loss="ce", decay=1.0, 
     return jnp.sum(per * weight) / jnp.sum(weight)
 
 
-def _time_step(loss_fn, la, params, tokens, repeats: int) -> float:
+def _time_step(loss_fn, la, params, tokens, repeats: int, real=None) -> float:
     import jax
-    import numpy as np
     import optax
 
     tx = optax.adamw(1e-2)
 
     @jax.jit
-    def step(la, opt_state, params, tokens):
-        value, grad = jax.value_and_grad(loss_fn)(la, params, tokens)
+    def step(la, opt_state, params, tokens, real):
+        value, grad = jax.value_and_grad(loss_fn)(la, params, tokens, real)
         updates, opt_state = tx.update(grad, opt_state, la)
         return optax.apply_updates(la, updates), opt_state, value
 
     state = (la, tx.init(la))
-    jax.block_until_ready(step(*state, params, tokens))  # compile and warm up
+    return _median_seconds(lambda: step(*state, params, tokens, real), repeats)
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    import jax
+    import numpy as np
+
+    jax.block_until_ready(fn())  # compile and warm up
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        jax.block_until_ready(step(*state, params, tokens))
+        jax.block_until_ready(fn())
         times.append(time.perf_counter() - t0)
     return float(np.median(times))
 
@@ -93,7 +103,7 @@ def run(args) -> int:
     from infer.options import with_demo_defaults
     from pass_jax import load_model, untrained_lookahead
     from pass_jax.lookahead import check_k, init_deep
-    from pass_jax.training import TrainLayout, lookahead_loss
+    from pass_jax.training import TrainLayout, lookahead_loss, real_pass
 
     k = check_k(args.k)
     path = with_demo_defaults(args.model, None)[0]
@@ -105,17 +115,25 @@ def run(args) -> int:
         if args.deep:
             la = init_deep(la, cfg, args.deep)
         tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch_size, args.seq_len)))
+        run_real = jax.jit(lambda p, x, cfg=cfg: real_pass(p, cfg, x))
+        real_secs = _median_seconds(functools.partial(run_real, params, tokens), args.repeats)
+        kept = run_real(params, tokens)
         for stride in (int(s) for s in args.strides.split(",")):
             layout = TrainLayout(args.seq_len, k, stride)
             targets = args.batch_size * len(layout.points) * k
-            runs = {"two_pass": lambda la, p, x, layout=layout, cfg=cfg: lookahead_loss(la, p, cfg, x, layout, "ce")}
+            two_pass = lambda la, p, x, real, layout=layout, cfg=cfg: lookahead_loss(
+                la, p, cfg, x, layout, "ce", real=real)
+            runs = {"two_pass": (two_pass, None), "kept_real": (two_pass, kept)}
             if args.single_pass and not args.deep:
-                runs["single_pass"] = lambda la, p, x, layout=layout, cfg=cfg: one_pass_loss(la, p, cfg, x, layout)
-            for name, fn in runs.items():
-                secs = _time_step(fn, la, params, tokens, args.repeats)
+                runs["single_pass"] = (lambda la, p, x, real, layout=layout, cfg=cfg: one_pass_loss(la, p, cfg, x, layout),
+                                       None)
+            for name, (fn, real) in runs.items():
+                secs = _time_step(fn, la, params, tokens, args.repeats, real)
                 row = {"dtype": dtype, "stride": stride, "formulation": name, "seconds_per_step": secs,
                        "tokens_per_second": args.batch_size * args.seq_len / secs,
                        "lookahead_targets_per_second": targets / secs}
+                if real is not None:
+                    row["real_pass_seconds_per_batch"] = real_secs
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
     result = {"model": path, "k": k, "deep": args.deep, "batch_size": args.batch_size, "seq_len": args.seq_len,
