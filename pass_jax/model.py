@@ -82,10 +82,11 @@ def _attention(q, keys, values, mask, cfg: ModelConfig, prefix=None, prefix_rows
     rows = q.reshape(b, t, kv, groups, hd).astype(keys.dtype).transpose(0, 2, 1, 3, 4).reshape(b, kv, t * groups, hd)
     attend = _attend_kernel if cpu_kernel.applies_attention(rows, keys, mask) else _attend
     out, top, mass = attend(rows, keys, values, mask)
-    if local is not None:
-        out, top, mass = _merge((out, top, mass), _attend_local(rows, *local))
-    if prefix is not None:
-        out = _fold_prefix(rows, top, mass, out, prefix.astype(keys.dtype), jnp.repeat(prefix_rows, groups, axis=1))
+    seen = None if prefix is None else (prefix.astype(keys.dtype), jnp.repeat(prefix_rows, groups, axis=1))
+    if local is not None:  # the prefix joins each block's own keys: one small softmax instead of a fold
+        out, top, mass = _merge((out, top, mass), _attend_local(rows, *local, seen))
+    elif prefix is not None:
+        out = _fold_prefix(rows, top, mass, out, *seen)
     return out.reshape(b, kv, t, groups, hd).transpose(0, 2, 1, 3, 4).reshape(b, t, cfg.num_heads * hd)
 
 
@@ -104,21 +105,31 @@ def _attend(rows, keys, values, mask):
     return out, top, jnp.sum(jnp.exp(scores - top[..., None]), -1)
 
 
-def _attend_local(rows, keys, values, n: int):
+def _attend_local(rows, keys, values, n: int, prefix=None):
     """rows [B, KV, T * groups, hd] over the pass's own keys/values [B, T, KV, hd], cut into blocks of n
-    slots: a row sees the slots of its block up to its own. Returns (out, top, mass) as `_attend` does."""
+    slots: a row sees the slots of its block up to its own, and, given prefix = (keys/values [2, P, KV,
+    hd], seen [B, R]), the P prefix entries where seen. Returns (out, top, mass) as `_attend` does."""
     b, kv, r, hd = rows.shape
     t = keys.shape[1]
     groups, blocks = r // t, t // n
     q = rows.reshape(b, kv, blocks, n * groups, hd)
     kb, vb = (x.astype(rows.dtype).transpose(0, 2, 1, 3).reshape(b, kv, blocks, n, hd) for x in (keys, values))
-    scores = jnp.einsum("bkpqd,bkpjd->bkpqj", q, kb, preferred_element_type=jnp.float32) * (hd ** -0.5)
-    sees = jnp.arange(n * groups)[:, None] // groups >= jnp.arange(n)[None, :]  # query slot >= key slot
-    scores = jnp.where(sees, scores, -1e30)
+    scores = jnp.einsum("bkpqd,bkpjd->bkpqj", q, kb, preferred_element_type=jnp.float32)
+    sees = jnp.broadcast_to(jnp.arange(n * groups)[:, None] // groups >= jnp.arange(n)[None, :],  # query slot >= key slot
+                            (b, 1, blocks, n * groups, n))
+    if prefix is not None:  # its scores join the block's (the P entries are shared: never copied per block)
+        (pk, pv), seen = prefix[0].astype(rows.dtype), prefix[1]
+        scores = jnp.concatenate([jnp.einsum("bkpqd,jkd->bkpqj", q, pk, preferred_element_type=jnp.float32), scores], -1)
+        sees = jnp.concatenate([jnp.broadcast_to(seen.reshape(b, 1, blocks, n * groups, 1), sees.shape[:-1] + (pk.shape[0],)),
+                                sees], -1)
+    scores = jnp.where(sees, scores * (hd ** -0.5), -1e30)
     top = scores.max(-1)
     weights = jnp.exp(scores - top[..., None])
     mass = weights.sum(-1)
-    out = jnp.einsum("bkpqj,bkpjd->bkpqd", weights.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
+    p = 0 if prefix is None else prefix[0].shape[1]
+    out = jnp.einsum("bkpqj,bkpjd->bkpqd", weights[..., p:].astype(vb.dtype), vb, preferred_element_type=jnp.float32)
+    if prefix is not None:
+        out = out + jnp.einsum("bkpqj,jkd->bkpqd", weights[..., :p].astype(pv.dtype), pv, preferred_element_type=jnp.float32)
     return (out / mass[..., None]).reshape(b, kv, r, hd), top.reshape(b, kv, r), mass.reshape(b, kv, r)
 
 

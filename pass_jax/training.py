@@ -27,15 +27,22 @@ LOSSES = ("ce", "distill", "topc")
 
 @dataclasses.dataclass(frozen=True)
 class TrainLayout:
-    """Static layout for sequences of `seq_len` tokens with a look-ahead block every `stride` tokens."""
+    """Layout for sequences of `seq_len` tokens with a look-ahead block every `stride` tokens.
+
+    per_row=P places each row's P blocks from its first target on (look-ahead 1 of the first block
+    predicts it), so no block is spent where every target is prompt; by default every row takes
+    `points`, from the sequence's start.
+    """
 
     seq_len: int
     k: int
     stride: int
+    per_row: int | None = None
 
     def __post_init__(self):
-        if self.stride < 1 or self.k < 1:
-            raise ValueError(f"stride and k must be positive (got stride={self.stride}, k={self.k})")
+        if self.stride < 1 or self.k < 1 or (self.per_row is not None and self.per_row < 1):
+            raise ValueError(f"stride, k and points per row must be positive (got stride={self.stride}, k={self.k}, "
+                             f"per_row={self.per_row})")
         if len(self.points) == 0:
             raise ValueError(f"seq_len {self.seq_len} leaves no look-ahead insertion point for k={self.k}, "
                              f"stride {self.stride}: raise seq_len or lower stride")
@@ -44,6 +51,20 @@ class TrainLayout:
     def points(self) -> np.ndarray:
         """Insertion points t: the last real token each block sees (its targets must exist)."""
         return np.arange(self.stride - 1, self.seq_len - self.k - 1, self.stride)
+
+    @property
+    def num_points(self) -> int:
+        return len(self.points) if self.per_row is None else self.per_row
+
+    def row_points(self, target_mask, batch: int):
+        """(insertion points [B, P], whether each has its targets in the sequence [B, P]), in-graph."""
+        if self.per_row is None:
+            t = jnp.broadcast_to(jnp.asarray(self.points, jnp.int32), (batch, len(self.points)))
+            return t, jnp.ones(t.shape, bool)
+        first = jnp.zeros((batch,), jnp.int32) if target_mask is None else jnp.argmax(target_mask, 1).astype(jnp.int32)
+        t = jnp.maximum(first - 2, 0)[:, None] + self.stride * jnp.arange(self.per_row, dtype=jnp.int32)[None]
+        last = self.seq_len - self.k - 2  # the last point whose k targets exist
+        return jnp.minimum(t, last), t <= last
 
     def arrays(self):
         """positions [T], mask [T, T], target index [P*k] into the sequence (T = L + P*k)."""
@@ -102,26 +123,30 @@ def lookahead_loss(lookahead, params, cfg: ModelConfig, tokens, layout: TrainLay
                          f"(got {loss!r}, {length}, {lookahead.shape[0]})")
     if top_c is not None and len(top_c) != layout.k:
         raise ValueError(f"top_c needs one width per look-ahead ({layout.k}), got {tuple(top_c)}")
-    positions, mask, target_idx = (jnp.asarray(a) for a in layout.arrays())
-    n = target_idx.shape[0]
+    points, real_targets = layout.row_points(target_mask, b)  # [B, P]
+    k, n = layout.k, points.shape[1] * layout.k
+    t = jnp.repeat(points, k, axis=1)  # [B, n]: look-ahead i of block j at slot j * k + i - 1
+    i = jnp.tile(jnp.arange(1, k + 1), n // k)[None]
+    target_idx = t + 1 + i
     params = jax.lax.stop_gradient(params)
     hidden, cache = jax.lax.stop_gradient(real_pass(params, cfg, tokens) if real is None else real)
-    blocks = jnp.broadcast_to(jnp.tile(lookahead, (n // layout.k, 1)), (b, n, lookahead.shape[1]))
-    la_hidden, _ = forward(params, cfg, blocks, jnp.broadcast_to(positions[length:], (b, n)), None, cache,
-                           visible=jnp.broadcast_to(mask[length:, :length], (b, n, length)), prefix=prefix,
-                           prefix_rows=None if prefix is None else jnp.ones((b, n), bool), local_blocks=layout.k)
+    blocks = jnp.broadcast_to(jnp.tile(lookahead, (n // k, 1)), (b, n, lookahead.shape[1]))
+    la_hidden, _ = forward(params, cfg, blocks, t + i, None, cache, visible=jnp.arange(length)[None, None] <= t[..., None],
+                           prefix=prefix, prefix_rows=None if prefix is None else jnp.ones((b, n), bool),
+                           local_blocks=k)
     student = jax.nn.log_softmax(logits_from_hidden(params, la_hidden), -1)  # [B, n, V]
+    targets = jnp.take_along_axis(tokens, target_idx, 1)
     if loss in ("ce", "topc"):
-        per_target = -jnp.take_along_axis(student, tokens[:, target_idx][..., None], -1)[..., 0]
+        per_target = -jnp.take_along_axis(student, targets[..., None], -1)[..., 0]
         if loss == "topc":
-            per_target = per_target + _top_c_hinge(student, tokens[:, target_idx], top_c or (1,) * layout.k)
+            per_target = per_target + _top_c_hinge(student, targets, top_c or (1,) * k)
     else:
-        teacher = jax.nn.log_softmax(jax.lax.stop_gradient(logits_from_hidden(params, hidden[:, target_idx - 1])), -1)
+        before = jnp.take_along_axis(hidden, (target_idx - 1)[..., None], 1)  # the base model's state before each target
+        teacher = jax.nn.log_softmax(jax.lax.stop_gradient(logits_from_hidden(params, before)), -1)
         per_target = jnp.sum(jnp.exp(teacher) * (teacher - student), -1)
-    depth = jnp.tile(jnp.arange(layout.k), n // layout.k)
-    weight = jnp.broadcast_to(jnp.asarray(decay, jnp.float32) ** depth, (b, n))
+    weight = jnp.asarray(decay, jnp.float32) ** (i - 1) * jnp.repeat(real_targets, k, axis=1)
     if target_mask is not None:
-        weight = weight * target_mask[:, target_idx]
+        weight = weight * jnp.take_along_axis(target_mask, target_idx, 1)
     return jnp.sum(per_target * weight) / jnp.maximum(jnp.sum(weight), 1e-9)
 
 

@@ -46,6 +46,40 @@ def test_training_layout_matches_the_decoder():
         np.testing.assert_allclose(logits_from_hidden(m.params, h[:, point + 1:])[0], trained[j], atol=1e-5)
 
 
+def test_points_per_row_start_at_each_rows_first_target():
+    layout = TrainLayout(40, 3, 4, per_row=5)
+    mask = np.zeros((4, 40), bool)
+    for row, first in enumerate((5, 0, 30)):
+        mask[row, first:] = True  # row 3 has no target: it starts at 0, and the mask weighs it 0
+    points, real = layout.row_points(jnp.asarray(mask), 4)
+    np.testing.assert_array_equal(points, [[3, 7, 11, 15, 19], [0, 4, 8, 12, 16], [28, 32, 35, 35, 35], [0, 4, 8, 12, 16]])
+    np.testing.assert_array_equal(real[2], [True, True, False, False, False])  # 36 + 1 + 3 is past the sequence
+    assert np.asarray(real)[[0, 1, 3]].all() and layout.num_points == 5 and TrainLayout(40, 3, 4).num_points == 9
+
+
+@pytest.mark.parametrize("loss", ["ce", "distill"])
+def test_points_per_row_weigh_exactly_the_blocks_they_place(loss):
+    """Where each row's first target puts its points on the default ones, the loss is the default layout's; blocks
+    past the sequence's end weigh nothing (the same loss as without them)."""
+    m = tiny_model(vocab=17, layers=2, heads=4, kv_heads=2, scale=0.5)
+    la = pj.init_lookahead(m.params, 3, "random")
+    rng = np.random.default_rng(2)
+    tokens = jnp.asarray(rng.integers(0, 17, (2, 20)))
+    mask = rng.random((2, 20)) < 0.7
+    mask[:, :3], mask[:, 3] = False, True  # first target 3: look-ahead 1 of point 1 predicts it
+    default = lookahead_loss(la, m.params, m.config, tokens, TrainLayout(20, 3, 2), loss, 0.8, jnp.asarray(mask))
+    aligned = lookahead_loss(la, m.params, m.config, tokens, TrainLayout(20, 3, 2, per_row=8), loss, 0.8,
+                             jnp.asarray(mask))  # points 1, 3, ..., 15: the default ones
+    assert float(aligned) == pytest.approx(float(default), rel=1e-6)
+    past_end = lookahead_loss(la, m.params, m.config, tokens, TrainLayout(20, 3, 2, per_row=11), loss, 0.8,
+                              jnp.asarray(mask))  # three more points, past the last one (15)
+    assert float(past_end) == pytest.approx(float(default), rel=1e-6)
+    later = mask.copy()
+    later[:, 3] = False  # first target 4: every point moves by one
+    assert abs(float(lookahead_loss(la, m.params, m.config, tokens, TrainLayout(20, 3, 2, per_row=8), loss, 0.8,
+                                    jnp.asarray(later))) - float(default)) > 1e-4
+
+
 def test_top_c_hinge_asks_only_for_a_place_among_the_top_c():
     """softplus(c-th best other score - target score): the target 2nd of 5 satisfies c = 2, not c = 1."""
     from pass_jax.training import _top_c_hinge
@@ -142,8 +176,9 @@ def test_a_kept_real_pass_is_the_one_the_loss_would_run(loss):
 
 def test_training_with_kept_real_passes_matches_rerunning_them(base_dir, tmp_path):
     runs = {}
-    for name, extra in (("kept", ()), ("rerun", ("--no-reuse",))):
-        res = subprocess.run(_train_cmd(base_dir, tmp_path / name, *extra, steps=10), check=True, env=_env(), cwd=REPO,
+    for name, extra in (("kept", ()), ("rerun", ("--no-reuse",))):  # with blocks placed from each row's first target
+        res = subprocess.run(_train_cmd(base_dir, tmp_path / name, "--points", "3", *extra, steps=10), check=True,
+                             env=_env(), cwd=REPO,
                              capture_output=True, text=True)
         assert ("real tokens once" in res.stderr) == (name == "kept"), res.stderr
         runs[name] = _leaf(tmp_path / name, base_dir)

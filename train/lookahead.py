@@ -39,6 +39,9 @@ def add_parser(sub) -> None:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--stride", type=int, default=2, help="a look-ahead block after every N-th token (default 2); "
                    "only the blocks are differentiated, so denser blocks cost less than a longer sequence")
+    p.add_argument("--points", type=int, default=None, metavar="P",
+                   help="P blocks per row, from the row's first target on (look-ahead 1 of the first predicts it): "
+                        "no block is spent on a prompt; default: every --stride-th token from the start")
     p.add_argument("--loss", choices=["ce", "distill", "topc"], default="ce",
                    help="ce: cross-entropy on the data's next tokens (default; on greedy self-data, the tokens "
                         "greedy verification accepts); distill: KL to the base model's own next-token distributions; "
@@ -91,7 +94,7 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-RUN_KEYS = ("data", "k", "steps", "batch_size", "seq_len", "stride", "loss", "decay", "lr", "schedule", "warmup",
+RUN_KEYS = ("data", "k", "steps", "batch_size", "seq_len", "stride", "points", "loss", "decay", "lr", "schedule", "warmup",
             "weight_decay", "init", "deep", "top_c", "seed", "self_prompts", "chat", "self_samples", "self_temperature", "dtype")
 
 
@@ -237,7 +240,7 @@ def run(args) -> int:
         else:
             docs = read_texts(args.data, args.text_field)
         batches = Batches(tokenize(docs, model.tokenizer, eos), args.seq_len, args.batch_size, args.seed)
-    layout = TrainLayout(args.seq_len, k, args.stride)
+    layout = TrainLayout(args.seq_len, k, args.stride, args.points)
     tx = _optimizer(args)
     if args.init == "token":
         la = untrained_lookahead(model, k)

@@ -26,6 +26,9 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--strides", default="4", help="comma-separated look-ahead strides (default 4)")
+    p.add_argument("--points", type=int, default=None, metavar="P",
+                   help="P blocks per row from its first target (as `train lookahead --points`; the random rows "
+                        "here have targets from the start)")
     p.add_argument("--dtypes", default="float32", help="comma-separated base weight dtypes (default float32)")
     p.add_argument("--deep", type=int, default=0, help="time a deep look-ahead with P prefix pairs per layer")
     p.add_argument("--single-pass", action="store_true", help="also time the single-pass formulation")
@@ -119,12 +122,12 @@ def run(args) -> int:
         real_secs = _median_seconds(functools.partial(run_real, params, tokens), args.repeats)
         kept = run_real(params, tokens)
         for stride in (int(s) for s in args.strides.split(",")):
-            layout = TrainLayout(args.seq_len, k, stride)
-            targets = args.batch_size * len(layout.points) * k
+            layout = TrainLayout(args.seq_len, k, stride, args.points)
+            targets = args.batch_size * layout.num_points * k
             two_pass = lambda la, p, x, real, layout=layout, cfg=cfg: lookahead_loss(
                 la, p, cfg, x, layout, "ce", real=real)
             runs = {"two_pass": (two_pass, None), "kept_real": (two_pass, kept)}
-            if args.single_pass and not args.deep:
+            if args.single_pass and not args.deep and args.points is None:
                 runs["single_pass"] = (lambda la, p, x, real, layout=layout, cfg=cfg: one_pass_loss(la, p, cfg, x, layout),
                                        None)
             for name, (fn, real) in runs.items():
