@@ -154,12 +154,15 @@ def test_two_pass_loss_and_gradient_equal_one_pass_over_everything(loss):
 def test_a_kept_real_pass_is_the_one_the_loss_would_run(loss):
     """`real` replaces the loss's first pass exactly; rows looked up from a RealPasses store (built in chunks that
     do not divide the rows) are the rows' own passes; and a real pass of other tokens changes the loss."""
-    from train.reuse import RealPasses
+    from train.reuse import RealPasses, bytes_per_row
 
     m = tiny_model(vocab=17, layers=2, heads=4, kv_heads=2, scale=0.5)
     layout, la = TrainLayout(20, 3, 2), pj.init_lookahead(m.params, 3, "random")
     data = np.random.default_rng(1).integers(0, 17, (5, 20)).astype(np.int32)
     store = RealPasses(m.params, m.config, data, chunk=2, mesh=make_mesh(1, 1), quiet=True)
+    held = sum(x.nbytes for x in (store.hidden, *store.keys, *store.values))
+    assert held == 5 * bytes_per_row(m.config, 20, "float32")  # the memory check's estimate is what it holds
+    assert bytes_per_row(m.config, 20, "bfloat16") < bytes_per_row(m.config, 20, "float32")
     rows = np.array([4, 1, 4])
     tokens = jnp.asarray(data[rows])
     kept = store.get(rows, make_mesh(1, 1))

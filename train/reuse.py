@@ -16,7 +16,9 @@ import numpy as np
 
 def bytes_per_row(cfg, seq_len: int, dtype) -> int:
     """Host bytes one row's real pass takes: keys and values of every layer, and the hidden states."""
-    kv = 2 * cfg.num_layers * seq_len * cfg.num_kv_heads * cfg.head_dim * np.dtype(dtype).itemsize
+    import jax.numpy as jnp
+
+    kv = 2 * cfg.num_layers * seq_len * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize  # "bfloat16" too
     return kv + seq_len * cfg.hidden_size * 4
 
 
