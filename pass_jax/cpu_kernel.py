@@ -29,11 +29,13 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 KERNELS = Path(__file__).with_name("kernels")
-SOURCES = ("dense_cpu.cc", "attention_cpu.cc")  # with common.h
+SOURCES = ("dense_cpu.cc", "attention_cpu.cc", "block_attention_cpu.cc")  # with common.h
 TARGETS = {False: "pass_jax_dense", True: "pass_jax_dense_t"}  # w [K, N]; w [N, K] (tied head)
 ATTENTION = "pass_jax_attention"
+BLOCK_ATTENTION = ("pass_jax_block_attention", "pass_jax_block_attention_grad")
 MAX_ROWS = 64  # up to here the kernel is at least as fast as XLA's dot; past it (prefill, training) XLA's GEMM
 _EVERY_PASS = contextvars.ContextVar("pass_jax_kernels_every_pass", default=frozenset())
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-std=c++20", "-shared", "-fPIC"]
@@ -96,6 +98,8 @@ def available() -> bool:
             jax.ffi.register_ffi_target(TARGETS[False], jax.ffi.pycapsule(lib.PassJaxDense), platform="cpu")
             jax.ffi.register_ffi_target(TARGETS[True], jax.ffi.pycapsule(lib.PassJaxDenseT), platform="cpu")
             jax.ffi.register_ffi_target(ATTENTION, jax.ffi.pycapsule(lib.PassJaxAttention), platform="cpu")
+            for name, fn in zip(BLOCK_ATTENTION, (lib.PassJaxBlockAttention, lib.PassJaxBlockAttentionGrad)):
+                jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(fn), platform="cpu")
             return True
         except (OSError, RuntimeError) as err:
             reason = str(err)
@@ -173,3 +177,32 @@ def attention(rows: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Arr
     out = (jax.ShapeDtypeStruct((b, kv, r, hd), jnp.float32), jax.ShapeDtypeStruct((b, kv, r, 2), jnp.float32))
     o, stats = jax.ffi.ffi_call(ATTENTION, out, vmap_method="sequential")(rows.astype(jnp.float32), keys, values, mask)
     return o, stats[..., 0], stats[..., 1]
+
+
+def applies_block_attention(q: jax.Array, keys: jax.Array) -> bool:
+    """Use the block-attention kernels (training's look-ahead blocks): float32, unsharded, on the CPU."""
+    return (keys.dtype == jnp.float32 and q.shape[-1] in (32, 64, 128) and jax.default_backend() == "cpu"
+            and jax.device_count() == 1 and available())
+
+
+def block_attention(n: int, q, keys, values, visible, local_k, local_v, prefix, prefix_rows):
+    """Training's look-ahead attention (kernels/block_attention_cpu.cc): q [B, T, H, hd] over the cache
+    keys/values [B, S, KV, hd] where visible [B, T, S], their block of n of local_k/local_v [B, T, KV, hd]
+    up to themselves, and prefix [2, P, KV, hd] where prefix_rows [B, T]. Returns out [B, T, H, hd] and
+    each row's log-sum-exp [B, T, H] (float32)."""
+    f32 = jnp.float32
+    results = (jax.ShapeDtypeStruct(q.shape, f32), jax.ShapeDtypeStruct(q.shape[:3], f32))
+    return jax.ffi.ffi_call(BLOCK_ATTENTION[0], results, vmap_method="sequential")(
+        q.astype(f32), keys, values, visible, local_k.astype(f32), local_v.astype(f32), prefix.astype(f32),
+        prefix_rows, block=np.int64(n))
+
+
+def block_attention_grad(n: int, q, keys, values, visible, local_k, local_v, prefix, prefix_rows, out, lse, g):
+    """The gradient of `block_attention`'s out (cotangent g) with respect to q, local_k, local_v and prefix."""
+    f32 = jnp.float32
+    chunks = q.shape[0] * q.shape[1] // n  # one prefix gradient per (row, block), summed here
+    results = tuple(jax.ShapeDtypeStruct(s, f32) for s in (q.shape, local_k.shape, local_v.shape, (chunks, *prefix.shape)))
+    dq, d_local_k, d_local_v, d_prefix = jax.ffi.ffi_call(BLOCK_ATTENTION[1], results, vmap_method="sequential")(
+        q.astype(f32), keys, values, visible, local_k.astype(f32), local_v.astype(f32), prefix.astype(f32), prefix_rows,
+        out, lse, g.astype(f32), block=np.int64(n))
+    return dq, d_local_k, d_local_v, d_prefix.sum(0)

@@ -9,6 +9,7 @@ under jit: a scan over stacked layers would copy each layer's slice on the CPU b
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -75,10 +76,17 @@ def _attention(q, keys, values, mask, cfg: ModelConfig, prefix=None, prefix_rows
     Each KV head's T x groups queries are one block of rows [B, KV, T * groups, hd]. A decode pass on
     one CPU device attends in one kernel call per layer (cpu_kernel.py); otherwise `_attend`'s XLA ops.
     local = (keys, values [B, T, KV, hd], n): the pass's own entries, which are not in the buffer, seen
-    in blocks of n slots (training's look-ahead blocks; see `forward`).
+    in blocks of n slots (training's look-ahead blocks; see `forward`): on one CPU device, forward and
+    gradient are one kernel call each (`_block_attention`).
     prefix ([2, P, KV, hd] keys and values, deep look-ahead) is seen by the rows where prefix_rows [B, T]."""
-    b, t, _, hd = q.shape
-    kv, groups = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
+    if local is not None and cpu_kernel.applies_block_attention(q, keys):
+        return _block_attention(local[2], q, keys, values, mask, local[0], local[1], prefix, prefix_rows)
+    return _attention_xla(q, keys, values, mask, prefix, prefix_rows, local)
+
+
+def _attention_xla(q, keys, values, mask, prefix=None, prefix_rows=None, local=None):
+    b, t, nq, hd = q.shape
+    kv, groups = keys.shape[2], nq // keys.shape[2]
     rows = q.reshape(b, t, kv, groups, hd).astype(keys.dtype).transpose(0, 2, 1, 3, 4).reshape(b, kv, t * groups, hd)
     attend = _attend_kernel if cpu_kernel.applies_attention(rows, keys, mask) else _attend
     out, top, mass = attend(rows, keys, values, mask)
@@ -87,7 +95,44 @@ def _attention(q, keys, values, mask, cfg: ModelConfig, prefix=None, prefix_rows
         out, top, mass = _merge((out, top, mass), _attend_local(rows, *local, seen))
     elif prefix is not None:
         out = _fold_prefix(rows, top, mass, out, *seen)
-    return out.reshape(b, kv, t, groups, hd).transpose(0, 2, 1, 3, 4).reshape(b, t, cfg.num_heads * hd)
+    return out.reshape(b, kv, t, groups, hd).transpose(0, 2, 1, 3, 4).reshape(b, t, nq * hd)
+
+
+def _block_attention(n, q, keys, values, visible, local_k, local_v, prefix, prefix_rows):
+    """`_attention_xla` with local blocks of n, by the CPU kernels (cpu_kernel.block_attention)."""
+    b, t, nq, hd = q.shape
+    if prefix is None:
+        prefix, prefix_rows = jnp.zeros((2, 0, *keys.shape[2:]), jnp.float32), jnp.ones((b, t), bool)
+    elif prefix_rows is None:
+        prefix_rows = jnp.ones((b, t), bool)
+    return _block_kernel(n, q, keys, values, visible, local_k, local_v, prefix, prefix_rows).reshape(b, t, nq * hd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _block_kernel(n, q, keys, values, visible, local_k, local_v, prefix, prefix_rows):
+    return cpu_kernel.block_attention(n, q, keys, values, visible, local_k, local_v, prefix, prefix_rows)[0]
+
+
+def _block_kernel_fwd(n, *args):
+    out, lse = cpu_kernel.block_attention(n, *args)
+    return out, (args, out, lse)
+
+
+def _block_kernel_bwd(n, res, g):
+    """The kernel's gradient for queries, block entries and prefix; the cache's through XLA's ops, which
+    XLA drops where the cache is a constant (training: the real tokens' pass has no gradient)."""
+    args, out, lse = res
+    q, keys, values, visible, local_k, local_v, prefix, prefix_rows = args
+    dq, d_local_k, d_local_v, d_prefix = cpu_kernel.block_attention_grad(n, *args, out, lse, g)
+    _, vjp = jax.vjp(lambda k, v: _attention_xla(q, k, v, visible, prefix if prefix.shape[1] else None, prefix_rows,
+                                                 (local_k, local_v, n)).reshape(out.shape), keys, values)
+    d_keys, d_values = vjp(g)
+    cast = lambda d, x: d.astype(x.dtype)  # noqa: E731
+    return (cast(dq, q), d_keys, d_values, None, cast(d_local_k, local_k), cast(d_local_v, local_v),
+            cast(d_prefix, prefix), None)
+
+
+_block_kernel.defvjp(_block_kernel_fwd, _block_kernel_bwd)
 
 
 def _attend(rows, keys, values, mask):

@@ -92,3 +92,73 @@ def test_the_model_attends_with_the_kernel(monkeypatch):
     assert len(calls) == cfg.num_layers
     monkeypatch.setattr(cpu_kernel, "applies_attention", lambda *a: False)
     np.testing.assert_allclose(run(), with_kernel, rtol=1e-5, atol=1e-5)
+
+
+def _block_case(seed, b, t, n, kv, groups, s, hd, p):
+    """Training's look-ahead attention: blocks of n rows placed at random points (some before the first
+    cache entry: they see only their block), a prefix seen by a random half of the rows."""
+    rng = np.random.default_rng(seed)
+
+    def normal(*shape):
+        return jnp.asarray(rng.standard_normal(shape), jnp.float32)
+
+    q, keys, values, local_k, local_v = (normal(*shape) for shape in
+                                         [(b, t, kv * groups, hd)] + [(b, s, kv, hd)] * 2 + [(b, t, kv, hd)] * 2)
+    points = rng.integers(-1, s, (b, t // n)).repeat(n, 1)
+    visible = jnp.asarray(np.arange(s)[None, None] <= points[..., None])
+    prefix = normal(2, p, kv, hd) if p else None
+    return q, keys, values, visible, local_k, local_v, prefix, jnp.asarray(rng.random((b, t)) < 0.5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(2, 8, 4, 3, 3, 40, 64, 4), (1, 12, 3, 2, 2, 70, 32, 0), (2, 8, 2, 1, 4, 17, 128, 3)])
+def test_block_kernel_matches_xla_with_gradients(shape):
+    """The kernel's output and its gradients for queries, block entries and prefix equal XLA's ops'."""
+    from pass_jax.model import _attention_xla, _block_attention
+
+    b, t, n, kv, groups, s, hd, p = shape
+    q, keys, values, visible, local_k, local_v, prefix, prefix_rows = _block_case(0, *shape)
+    cotangent = jnp.asarray(np.random.default_rng(1).standard_normal((b, t, kv * groups * hd)), jnp.float32)
+
+    def loss(kernel):
+        def f(q, local_k, local_v, prefix):
+            if kernel:
+                out = _block_attention(n, q, keys, values, visible, local_k, local_v, prefix, prefix_rows)
+            else:
+                out = _attention_xla(q, keys, values, visible, prefix, prefix_rows, (local_k, local_v, n))
+            return jnp.sum(out * cotangent), out
+        return jax.value_and_grad(f, argnums=(0, 1, 2) if prefix is None else (0, 1, 2, 3), has_aux=True)
+
+    (_, want), want_grads = loss(False)(q, local_k, local_v, prefix)
+    (_, got), got_grads = loss(True)(q, local_k, local_v, prefix)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    for name, g, w in zip(("q", "local keys", "local values", "prefix"), got_grads, want_grads):
+        assert float(jnp.max(jnp.abs(w))) > 0, name
+        err = float(jnp.max(jnp.abs(g - w)) / jnp.max(jnp.abs(w)))
+        assert err < 1e-5, (name, err)
+
+
+@needs_kernel
+def test_training_takes_the_block_kernel(monkeypatch):
+    """The look-ahead loss's layers call the block kernel once each, forward and gradient; XLA's ops
+    give the same loss and gradient."""
+    from pass_jax import model as M
+    from pass_jax.config import ModelConfig
+    from pass_jax.lookahead import init_deep, init_lookahead
+    from pass_jax.training import TrainLayout, lookahead_loss
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
+                      head_dim=32, max_position_embeddings=64)
+    params = M.init_params(cfg, jax.random.key(0))
+    leaf = init_deep(init_lookahead(params, 3, "mean", key=jax.random.key(1)), cfg, 2, jax.random.key(2))
+    tokens = jax.random.randint(jax.random.key(3), (2, 24), 0, cfg.vocab_size)
+    grad = jax.value_and_grad(lambda leaf: lookahead_loss(leaf, params, cfg, tokens, TrainLayout(24, 3, 2), "ce", 0.8))
+    calls = []
+    real = cpu_kernel.block_attention
+    monkeypatch.setattr(cpu_kernel, "block_attention", lambda *a: calls.append(1) or real(*a))
+    got = jax.jit(grad)(leaf)
+    assert len(calls) == cfg.num_layers
+    monkeypatch.setattr(cpu_kernel, "applies_block_attention", lambda *a: False)
+    want = jax.jit(grad)(leaf)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-5, atol=1e-6)
