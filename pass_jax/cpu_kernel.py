@@ -38,6 +38,7 @@ ATTENTION = "pass_jax_attention"
 BLOCK_ATTENTION = ("pass_jax_block_attention", "pass_jax_block_attention_grad")
 MAX_ROWS = 64  # up to here the kernel is at least as fast as XLA's dot; past it (prefill, training) XLA's GEMM
 _EVERY_PASS = contextvars.ContextVar("pass_jax_kernels_every_pass", default=frozenset())
+_OFF = contextvars.ContextVar("pass_jax_kernels_off", default=False)
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-std=c++20", "-shared", "-fPIC"]
 
 
@@ -122,13 +123,24 @@ def every_pass(products: bool = True):
         _EVERY_PASS.reset(token)
 
 
+@contextlib.contextmanager
+def off():
+    """Inside (at trace time) no kernel applies: XLA's ops everywhere, to compare against."""
+    token = _OFF.set(True)
+    try:
+        yield
+    finally:
+        _OFF.reset(token)
+
+
 def _few_rows(rows: int, kind: str) -> bool:
     return rows <= MAX_ROWS or kind in _EVERY_PASS.get()
 
 
 def applies(x: jax.Array, w: jax.Array) -> bool:
     """Use the kernel for this product: an unsharded CPU product of a few rows (any inside `every_pass`)."""
-    return (w.ndim == 2 and w.dtype in (jnp.float32, jnp.bfloat16) and _few_rows(math.prod(x.shape[:-1]), "products")
+    return (not _OFF.get() and w.ndim == 2 and w.dtype in (jnp.float32, jnp.bfloat16)
+            and _few_rows(math.prod(x.shape[:-1]), "products")
             and jax.default_backend() == "cpu" and jax.device_count() == 1 and available())
 
 
@@ -165,7 +177,8 @@ def dense(x: jax.Array, w: jax.Array, transposed: bool = False) -> jax.Array:
 def applies_attention(rows: jax.Array, keys: jax.Array, mask: jax.Array) -> bool:
     """Use the attention kernel: an unsharded CPU pass of at most MAX_ROWS tokens (mask [B, T, S]; any
     inside `every_pass`)."""
-    return (keys.dtype in (jnp.float32, jnp.bfloat16) and rows.shape[-1] in (32, 64, 128) and _few_rows(mask.shape[1], "attention")
+    return (not _OFF.get() and keys.dtype in (jnp.float32, jnp.bfloat16) and rows.shape[-1] in (32, 64, 128)
+            and _few_rows(mask.shape[1], "attention")
             and jax.default_backend() == "cpu" and jax.device_count() == 1 and available())
 
 
@@ -181,8 +194,8 @@ def attention(rows: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Arr
 
 def applies_block_attention(q: jax.Array, keys: jax.Array) -> bool:
     """Use the block-attention kernels (training's look-ahead blocks): float32, unsharded, on the CPU."""
-    return (keys.dtype == jnp.float32 and q.shape[-1] in (32, 64, 128) and jax.default_backend() == "cpu"
-            and jax.device_count() == 1 and available())
+    return (not _OFF.get() and keys.dtype == jnp.float32 and q.shape[-1] in (32, 64, 128)
+            and jax.default_backend() == "cpu" and jax.device_count() == 1 and available())
 
 
 def block_attention(n: int, q, keys, values, visible, local_k, local_v, prefix, prefix_rows):

@@ -127,7 +127,7 @@ def _block_kernel_bwd(n, res, g):
     _, vjp = jax.vjp(lambda k, v: _attention_xla(q, k, v, visible, prefix if prefix.shape[1] else None, prefix_rows,
                                                  (local_k, local_v, n)).reshape(out.shape), keys, values)
     d_keys, d_values = vjp(g)
-    cast = lambda d, x: d.astype(x.dtype)  # noqa: E731
+    cast = lambda d, x: d.astype(x.dtype)
     return (cast(dq, q), d_keys, d_values, None, cast(d_local_k, local_k), cast(d_local_v, local_v),
             cast(d_prefix, prefix), None)
 

@@ -14,6 +14,7 @@ import optax
 import pytest
 
 import pass_jax as pj
+from pass_jax import cpu_kernel
 from pass_jax.cache import KVCache
 from pass_jax.checkpoint import load_lookahead
 from pass_jax.decode import block_layout
@@ -385,9 +386,10 @@ def test_bench_step_times_every_formulation(tmp_path, capsys):
 
     out = tmp_path / "s.json"
     assert main(["bench-step", "--k", "2", "--batch-size", "2", "--seq-len", "16", "--strides", "2,4", "--repeats", "1",
-                 "--single-pass", "--out", str(out)]) == 0
+                 "--single-pass", "--xla-too", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert {(r["stride"], r["formulation"]) for r in rows} == {(s, f) for s in (2, 4)
-                                                               for f in ("two_pass", "kept_real", "single_pass")}
+    kernels = {True, False} if cpu_kernel.available() else {False}  # --xla-too: each again with the kernels off
+    assert {(r["stride"], r["formulation"], r["cpu_kernels"]) for r in rows} == {
+        (s, f, on) for s in (2, 4) for f in ("two_pass", "kept_real", "single_pass") for on in kernels}
     assert all(r["seconds_per_step"] > 0 and r["lookahead_targets_per_second"] > 0 for r in rows)
     assert all((r["formulation"] == "kept_real") == ("real_pass_seconds_per_batch" in r) for r in rows)

@@ -6,13 +6,17 @@ Formulations, side by side in the same run: "two_pass" (the step as `train looka
 that does not recur); "kept_real" (the step given the batch's real-token pass, as it runs on
 self-generated data, whose rows' passes are run once and kept; the row also gives that pass's own
 time per batch, paid once per row and sitting); with --single-pass, the formulation the two-pass loss
-replaced (real tokens and blocks in one pass, differentiated whole). JSON on stdout and in --out.
+replaced (real tokens and blocks in one pass, differentiated whole). With --xla-too, each again with
+pass-jax's CPU kernels off (XLA's ops only: the training attention kernel's before and after, in one
+run). JSON on stdout and in --out.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import itertools
 import json
 import sys
 import time
@@ -32,6 +36,8 @@ def add_parser(sub) -> None:
     p.add_argument("--dtypes", default="float32", help="comma-separated base weight dtypes (default float32)")
     p.add_argument("--deep", type=int, default=0, help="time a deep look-ahead with P prefix pairs per layer")
     p.add_argument("--single-pass", action="store_true", help="also time the single-pass formulation")
+    p.add_argument("--xla-too", action="store_true",
+                   help="also time each formulation with pass-jax's CPU kernels off (XLA's ops only)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", help="write the JSON here too")
     p.set_defaults(func=run)
@@ -104,7 +110,7 @@ def run(args) -> int:
     import numpy as np
 
     from infer.options import with_demo_defaults
-    from pass_jax import load_model, untrained_lookahead
+    from pass_jax import cpu_kernel, load_model, untrained_lookahead
     from pass_jax.lookahead import check_k, init_deep
     from pass_jax.training import TrainLayout, lookahead_loss, real_pass
 
@@ -130,9 +136,11 @@ def run(args) -> int:
             if args.single_pass and not args.deep and args.points is None:
                 runs["single_pass"] = (lambda la, p, x, real, layout=layout, cfg=cfg: one_pass_loss(la, p, cfg, x, layout),
                                        None)
-            for name, (fn, real) in runs.items():
-                secs = _time_step(fn, la, params, tokens, args.repeats, real)
-                row = {"dtype": dtype, "stride": stride, "formulation": name, "seconds_per_step": secs,
+            for (name, (fn, real)), kernels in itertools.product(runs.items(), (True, False) if args.xla_too else (True,)):
+                with contextlib.nullcontext() if kernels else cpu_kernel.off():  # traced on the first call, inside
+                    secs = _time_step(fn, la, params, tokens, args.repeats, real)
+                row = {"dtype": dtype, "stride": stride, "formulation": name, "cpu_kernels": kernels and cpu_kernel.available(),
+                       "seconds_per_step": secs,
                        "tokens_per_second": args.batch_size * args.seq_len / secs,
                        "lookahead_targets_per_second": targets / secs}
                 if real is not None:
