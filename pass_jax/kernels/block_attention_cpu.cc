@@ -225,19 +225,32 @@ void each_chunk(ffi::ThreadPool& pool, const Dims& d, F f) {
 
 // Shapes: q [B, T, H, hd], keys/values [B, S, KV, hd], visible [B, T, S], local k/v [B, T, KV, hd],
 // prefix [2, P, KV, hd], prefix_rows [B, T]; T a multiple of n; hd 32, 64 or 128; float32.
-ffi::Error check(const Dims& d, std::initializer_list<const ffi::AnyBuffer*> floats) {
-  for (auto* x : floats)
-    if (x->element_type() != ffi::DataType::F32)
-      return ffi::Error::InvalidArgument("pass_jax_block_attention: want float32 queries, keys and values");
-  if (d.n <= 0 || d.T % d.n || d.H % d.KV || (d.hd != 32 && d.hd != 64 && d.hd != 128))
-    return ffi::Error::InvalidArgument("pass_jax_block_attention: want T a multiple of the block, H of KV, hd 32/64/128");
-  return ffi::Error::Success();
-}
-
 Dims dims(const ffi::AnyBuffer& q, const ffi::AnyBuffer& keys, const ffi::AnyBuffer& prefix, int64_t n) {
   const auto qd = q.dimensions(), kd = keys.dimensions(), pd = prefix.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || pd.size() != 4) return Dims{0, 0, 0, 0, 0, 0, 0, 0};  // refused by check
   return Dims{qd[0], qd[1], qd[2], kd[2], kd[1], pd[1], n, qd[3]};
+}
+
+bool has_shape(const ffi::AnyBuffer& x, std::initializer_list<int64_t> shape) {
+  const auto dims = x.dimensions();
+  return dims.size() == shape.size() && std::equal(shape.begin(), shape.end(), dims.begin());
+}
+
+ffi::Error check(const Dims& d, const ffi::AnyBuffer& keys, const ffi::AnyBuffer& values, const ffi::AnyBuffer& visible,
+                 const ffi::AnyBuffer& lk, const ffi::AnyBuffer& lv, const ffi::AnyBuffer& prefix,
+                 const ffi::AnyBuffer& prefix_rows, std::initializer_list<const ffi::AnyBuffer*> floats) {
+  for (auto* x : floats)
+    if (x->element_type() != ffi::DataType::F32)
+      return ffi::Error::InvalidArgument("pass_jax_block_attention: want float32 queries, keys and values");
+  if (d.n <= 0 || d.KV <= 0 || d.T % d.n || d.H % d.KV || (d.hd != 32 && d.hd != 64 && d.hd != 128))
+    return ffi::Error::InvalidArgument("pass_jax_block_attention: want T a multiple of the block, H of KV, hd 32/64/128");
+  if (!has_shape(keys, {d.B, d.S, d.KV, d.hd}) || !has_shape(values, {d.B, d.S, d.KV, d.hd}) ||
+      !has_shape(prefix, {2, d.P, d.KV, d.hd}) || !has_shape(visible, {d.B, d.T, d.S}) ||
+      !has_shape(lk, {d.B, d.T, d.KV, d.hd}) || !has_shape(lv, {d.B, d.T, d.KV, d.hd}) ||
+      !has_shape(prefix_rows, {d.B, d.T}) || visible.element_type() != ffi::DataType::PRED ||
+      prefix_rows.element_type() != ffi::DataType::PRED)
+    return ffi::Error::InvalidArgument("pass_jax_block_attention: mismatched shapes (see block_attention_cpu.cc)");
+  return ffi::Error::Success();
 }
 
 template <typename F>
@@ -261,12 +274,16 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer keys, 
                    ffi::AnyBuffer prefix_rows, int64_t block, ffi::Result<ffi::AnyBuffer> out,
                    ffi::Result<ffi::AnyBuffer> lse) {
   const Dims d = dims(q, keys, prefix, block);
-  if (auto err = check(d, {&q, &keys, &values, &lk, &lv, &prefix}); err.failure()) return err;
+  if (auto err = check(d, keys, values, visible, lk, lv, prefix, prefix_rows, {&q, &keys, &values, &lk, &lv, &prefix});
+      err.failure())
+    return err;
   const Inputs in = inputs(q, keys, values, visible, lk, lv, prefix, prefix_rows);
   float *op = out->typed_data<float>(), *lp = lse->typed_data<float>();
   return by_head_dim(d.hd, [&](auto nv) {
     constexpr int NV = decltype(nv)::value;
-    each_chunk<NV>(pool, d, [&](int64_t b, int64_t blk, int64_t, float* s) { forward_chunk<NV>(d, in, op, lp, b, blk, s); });
+    each_chunk<NV>(pool, d, [&](int64_t b, int64_t blk, int64_t, float* s) {
+      forward_chunk<NV>(d, in, op, lp, b, blk, s);
+    });
   });
 }
 
@@ -276,7 +293,13 @@ ffi::Error Grad(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer keys, ffi
                 ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> d_lk, ffi::Result<ffi::AnyBuffer> d_lv,
                 ffi::Result<ffi::AnyBuffer> d_prefix) {
   const Dims d = dims(q, keys, prefix, block);
-  if (auto err = check(d, {&q, &keys, &values, &lk, &lv, &prefix, &out, &lse, &g_out}); err.failure()) return err;
+  if (auto err = check(d, keys, values, visible, lk, lv, prefix, prefix_rows,
+                       {&q, &keys, &values, &lk, &lv, &prefix, &out, &lse, &g_out});
+      err.failure())
+    return err;
+  if (!has_shape(out, {d.B, d.T, d.H, d.hd}) || !has_shape(g_out, {d.B, d.T, d.H, d.hd}) ||
+      !has_shape(lse, {d.B, d.T, d.H}))
+    return ffi::Error::InvalidArgument("pass_jax_block_attention_grad: out, lse and g_out must match q");
   const Inputs in = inputs(q, keys, values, visible, lk, lv, prefix, prefix_rows);
   const float *op = out.typed_data<float>(), *lp = lse.typed_data<float>(), *gp = g_out.typed_data<float>();
   float *dqp = dq->typed_data<float>(), *dkp = d_lk->typed_data<float>(), *dvp = d_lv->typed_data<float>();
