@@ -33,6 +33,7 @@ def test_model_bench_end_to_end(tmp_path, capsys):
     capsys.readouterr()
 
 
+@pytest.mark.slow
 def test_random_config_suites_run(tmp_path):
     for suite in ("passes", "overhead"):
         assert main(["bench", "--suite", suite, "--models", "tiny", "--new-tokens", "4", "--repeats", "1",

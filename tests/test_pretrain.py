@@ -30,6 +30,7 @@ def _cmd(corpus, out, steps, *extra):
             "--save-every", "5", "--warmup", "2", "--quiet", *extra]
 
 
+@pytest.mark.slow
 def test_pretrain_resumes_exactly_and_saves_a_loadable_model(corpus, tmp_path):
     steps = 300
     subprocess.run(_cmd(corpus, tmp_path / "straight", steps), check=True, cwd=REPO)

@@ -351,6 +351,7 @@ def test_chat_training_prompts_never_equal_a_benchmark_prompt():
     assert not held_back & set(code)
 
 
+@pytest.mark.slow
 def test_sweep_trains_each_variant_once_on_shared_data_and_tables_them(tmp_path):
     from train.__main__ import main
 
