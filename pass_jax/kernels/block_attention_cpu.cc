@@ -59,6 +59,19 @@ inline void axpy_to(float w, const __m512* x, float* acc) {  // acc (memory) += 
   for (int c = 0; c < NV; ++c) _mm512_storeu_ps(acc + 16 * c, _mm512_fmadd_ps(wv, x[c], _mm512_loadu_ps(acc + 16 * c)));
 }
 
+// a . e_j for the 16 entries e_j = base + j * entry from j0, lanes in entry order (one shuffle-and-add
+// tree, `sum_each`); lanes past S repeat the last entry and are masked by the caller.
+template <int NV>
+inline __m512 dots16(const __m512* a, const float* base, int64_t entry, int64_t j0, int64_t S) {
+  __m512 acc[16];
+  for (int i = 0; i < 16; ++i) {
+    const float* e = base + std::min(j0 + kSlot[i], S - 1) * entry;
+    acc[i] = _mm512_mul_ps(a[0], _mm512_loadu_ps(e));
+    for (int c = 1; c < NV; ++c) acc[i] = _mm512_fmadd_ps(a[c], _mm512_loadu_ps(e + 16 * c), acc[i]);
+  }
+  return sum_each(acc);
+}
+
 // The scores of row (b, t, h) against every entry it sees, times scale: the cache's in cache[S16]
 // (-inf where unseen, 16 entries per dot-product tree as in attention_cpu.cc), its block's in
 // local[n] (slots after t: -inf), the prefix's in pre[P] (-inf where the row does not see it).
@@ -80,14 +93,8 @@ float scores(const Dims& d, const Inputs& in, int64_t b, int64_t t, int64_t h, c
       _mm512_storeu_ps(cache + j0, minus_inf);
       continue;
     }
-    __m512 acc[16];
-    for (int i = 0; i < 16; ++i) {
-      const int64_t j = std::min(j0 + kSlot[i], d.S - 1);
-      const float* k = kh + j * entry;
-      acc[i] = _mm512_mul_ps(qv[0], _mm512_loadu_ps(k));
-      for (int c = 1; c < NV; ++c) acc[i] = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(k + 16 * c), acc[i]);
-    }
-    const __m512 s = _mm512_mask_mov_ps(minus_inf, live, _mm512_mul_ps(sum_each(acc), _mm512_set1_ps(scale)));
+    const __m512 s =
+        _mm512_mask_mov_ps(minus_inf, live, _mm512_mul_ps(dots16<NV>(qv, kh, entry, j0, d.S), _mm512_set1_ps(scale)));
     _mm512_storeu_ps(cache + j0, s);
     top = std::max(top, _mm512_reduce_max_ps(s));
   }
@@ -184,14 +191,9 @@ void grad_chunk(const Dims& d, const Inputs& in, const float* out, const float* 
         const __m512 s = _mm512_loadu_ps(cache + j0);
         const __mmask16 live = _mm512_cmp_ps_mask(s, minus_inf, _CMP_NEQ_OQ);
         if (!live) continue;
-        __m512 acc[16];  // g . v_j for 16 entries
-        for (int i = 0; i < 16; ++i) {
-          const float* v = vh + std::min(j0 + kSlot[i], d.S - 1) * entry;
-          acc[i] = _mm512_mul_ps(gv[0], _mm512_loadu_ps(v));
-          for (int c = 1; c < NV; ++c) acc[i] = _mm512_fmadd_ps(gv[c], _mm512_loadu_ps(v + 16 * c), acc[i]);
-        }
         const __m512 p = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(s, mv)));
-        _mm512_store_ps(ds, _mm512_mul_ps(_mm512_mul_ps(p, _mm512_sub_ps(sum_each(acc), Dv)), _mm512_set1_ps(scale)));
+        const __m512 dp = dots16<NV>(gv, vh, entry, j0, d.S);  // g . v_j
+        _mm512_store_ps(ds, _mm512_mul_ps(_mm512_mul_ps(p, _mm512_sub_ps(dp, Dv)), _mm512_set1_ps(scale)));
         for (int i = 0; i < 16; ++i)
           if (ds[i] != 0.f) axpy<NV>(ds[i], kh + (j0 + i) * entry, dqv);
       }
