@@ -133,15 +133,19 @@ def off():
         _OFF.reset(token)
 
 
+def _usable() -> bool:
+    """What every kernel needs: not traced inside `off()`, one CPU device, the library built."""
+    return not _OFF.get() and jax.default_backend() == "cpu" and jax.device_count() == 1 and available()
+
+
 def _few_rows(rows: int, kind: str) -> bool:
     return rows <= MAX_ROWS or kind in _EVERY_PASS.get()
 
 
 def applies(x: jax.Array, w: jax.Array) -> bool:
     """Use the kernel for this product: an unsharded CPU product of a few rows (any inside `every_pass`)."""
-    return (not _OFF.get() and w.ndim == 2 and w.dtype in (jnp.float32, jnp.bfloat16)
-            and _few_rows(math.prod(x.shape[:-1]), "products")
-            and jax.default_backend() == "cpu" and jax.device_count() == 1 and available())
+    return (w.ndim == 2 and w.dtype in (jnp.float32, jnp.bfloat16) and _few_rows(math.prod(x.shape[:-1]), "products")
+            and _usable())
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -177,9 +181,8 @@ def dense(x: jax.Array, w: jax.Array, transposed: bool = False) -> jax.Array:
 def applies_attention(rows: jax.Array, keys: jax.Array, mask: jax.Array) -> bool:
     """Use the attention kernel: an unsharded CPU pass of at most MAX_ROWS tokens (mask [B, T, S]; any
     inside `every_pass`)."""
-    return (not _OFF.get() and keys.dtype in (jnp.float32, jnp.bfloat16) and rows.shape[-1] in (32, 64, 128)
-            and _few_rows(mask.shape[1], "attention")
-            and jax.default_backend() == "cpu" and jax.device_count() == 1 and available())
+    return (keys.dtype in (jnp.float32, jnp.bfloat16) and rows.shape[-1] in (32, 64, 128)
+            and _few_rows(mask.shape[1], "attention") and _usable())
 
 
 def attention(rows: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array):
@@ -194,8 +197,7 @@ def attention(rows: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Arr
 
 def applies_block_attention(q: jax.Array, keys: jax.Array) -> bool:
     """Use the block-attention kernels (training's look-ahead blocks): float32, unsharded, on the CPU."""
-    return (not _OFF.get() and keys.dtype == jnp.float32 and q.shape[-1] in (32, 64, 128)
-            and jax.default_backend() == "cpu" and jax.device_count() == 1 and available())
+    return keys.dtype == jnp.float32 and q.shape[-1] in (32, 64, 128) and _usable()
 
 
 def block_attention(n: int, q, keys, values, visible, local_k, local_v, prefix, prefix_rows):

@@ -101,9 +101,9 @@ def _attention_xla(q, keys, values, mask, prefix=None, prefix_rows=None, local=N
 def _block_attention(n, q, keys, values, visible, local_k, local_v, prefix, prefix_rows):
     """`_attention_xla` with local blocks of n, by the CPU kernels (cpu_kernel.block_attention)."""
     b, t, nq, hd = q.shape
-    if prefix is None:
-        prefix, prefix_rows = jnp.zeros((2, 0, *keys.shape[2:]), jnp.float32), jnp.ones((b, t), bool)
-    elif prefix_rows is None:
+    if prefix is None:  # P = 0 entries
+        prefix = jnp.zeros((2, 0, *keys.shape[2:]), jnp.float32)
+    if prefix_rows is None:
         prefix_rows = jnp.ones((b, t), bool)
     return _block_kernel(n, q, keys, values, visible, local_k, local_v, prefix, prefix_rows).reshape(b, t, nq * hd)
 
