@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from . import cpu_kernel
 from .config import ModelConfig
 
 
@@ -50,6 +51,8 @@ class KVCache:
         idx = (self.lengths[:, None] + path)[:, :, None, None]
 
         def move(buf):  # [B, S, KV, hd]
+            if cpu_kernel.applies_cache(buf):
+                return cpu_kernel.cache_move(buf, self.lengths, path)
             return write_block(buf, jnp.take_along_axis(buf, idx, axis=1), self.lengths)
 
         return self.replace(keys=tuple(map(move, self.keys)), values=tuple(map(move, self.values)))
@@ -57,6 +60,8 @@ class KVCache:
 
 def write_block(buf: jax.Array, block: jax.Array, offsets: jax.Array) -> jax.Array:
     """buf[b, offsets[b] : offsets[b] + T] = block[b] for every row b (in place under jit)."""
+    if block.ndim == 4 and cpu_kernel.applies_cache(buf):
+        return cpu_kernel.cache_write(buf, block, offsets)
     return jax.vmap(lambda c, x, o: jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), o, axis=0))(
         buf, block, offsets)
 

@@ -32,10 +32,12 @@ import jax.numpy as jnp
 import numpy as np
 
 KERNELS = Path(__file__).with_name("kernels")
-SOURCES = ("dense_cpu.cc", "attention_cpu.cc", "block_attention_cpu.cc")  # with common.h
+SOURCES = ("dense_cpu.cc", "attention_cpu.cc", "block_attention_cpu.cc", "rows_cpu.cc", "cache_cpu.cc")  # with common.h
 TARGETS = {False: "pass_jax_dense", True: "pass_jax_dense_t"}  # w [K, N]; w [N, K] (tied head)
 ATTENTION = "pass_jax_attention"
 BLOCK_ATTENTION = ("pass_jax_block_attention", "pass_jax_block_attention_grad")
+ROWS = "pass_jax_rows"
+CACHE = ("pass_jax_cache_write", "pass_jax_cache_move")
 MAX_ROWS = 64  # up to here the kernel is at least as fast as XLA's dot; past it (prefill, training) XLA's GEMM
 _EVERY_PASS = contextvars.ContextVar("pass_jax_kernels_every_pass", default=frozenset())
 _OFF = contextvars.ContextVar("pass_jax_kernels_off", default=False)
@@ -99,6 +101,9 @@ def available() -> bool:
             jax.ffi.register_ffi_target(TARGETS[False], jax.ffi.pycapsule(lib.PassJaxDense), platform="cpu")
             jax.ffi.register_ffi_target(TARGETS[True], jax.ffi.pycapsule(lib.PassJaxDenseT), platform="cpu")
             jax.ffi.register_ffi_target(ATTENTION, jax.ffi.pycapsule(lib.PassJaxAttention), platform="cpu")
+            jax.ffi.register_ffi_target(ROWS, jax.ffi.pycapsule(lib.PassJaxRows), platform="cpu")
+            for name, fn in zip(CACHE, (lib.PassJaxCacheWrite, lib.PassJaxCacheMove)):
+                jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(fn), platform="cpu")
             for name, fn in zip(BLOCK_ATTENTION, (lib.PassJaxBlockAttention, lib.PassJaxBlockAttentionGrad)):
                 jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(fn), platform="cpu")
             return True
@@ -176,6 +181,51 @@ def dense(x: jax.Array, w: jax.Array, transposed: bool = False) -> jax.Array:
     x2 = x.astype(w.dtype).astype(jnp.float32).reshape(-1, x.shape[-1])
     n = w.shape[0 if transposed else 1]
     return _kernel(x2, w, transposed).reshape(x.shape[:-1] + (n,))
+
+
+def applies_rows(table: jax.Array) -> bool:
+    """Read embedding rows with the kernel: a bfloat16 table, unsharded, on the CPU (XLA would widen
+    the whole table to gather from it)."""
+    return table.ndim == 2 and table.dtype == jnp.bfloat16 and _usable()
+
+
+@jax.custom_vjp
+def rows(table: jax.Array, tokens: jax.Array) -> jax.Array:
+    """float32(table[tokens]) for int32 tokens of any shape -> [..., D]; callers check `applies_rows`."""
+    out = jax.ShapeDtypeStruct((*tokens.shape, table.shape[1]), jnp.float32)
+    return jax.ffi.ffi_call(ROWS, out, vmap_method="sequential")(table, tokens.astype(jnp.int32))
+
+
+def _rows_fwd(table, tokens):
+    return rows(table, tokens), (jnp.zeros_like(table), tokens)
+
+
+def _rows_bwd(res, g):  # a full model's training differentiates the table: scatter the rows' gradients back
+    zeros, tokens = res
+    return zeros.at[tokens].add(g.astype(zeros.dtype)), None
+
+
+rows.defvjp(_rows_fwd, _rows_bwd)
+
+
+def applies_cache(buf: jax.Array) -> bool:
+    """Write into this KV cache buffer with the kernels: bfloat16 [B, S, KV, hd], unsharded, on the CPU
+    (XLA would widen the whole buffer for every write)."""
+    return buf.ndim == 4 and buf.dtype == jnp.bfloat16 and _usable()
+
+
+def cache_write(buf: jax.Array, block: jax.Array, offsets: jax.Array) -> jax.Array:
+    """buf[b, offsets[b] : offsets[b] + T] = block[b] in place (kernels/cache_cpu.cc); check `applies_cache`."""
+    call = jax.ffi.ffi_call(CACHE[0], jax.ShapeDtypeStruct(buf.shape, buf.dtype), input_output_aliases={0: 0},
+                            vmap_method="sequential")
+    return call(buf, block.astype(jnp.float32), offsets.astype(jnp.int32))
+
+
+def cache_move(buf: jax.Array, lengths: jax.Array, path: jax.Array) -> jax.Array:
+    """KVCache.gather_path for one buffer, in place: entry lengths[b] + path[b, d] to lengths[b] + d."""
+    call = jax.ffi.ffi_call(CACHE[1], jax.ShapeDtypeStruct(buf.shape, buf.dtype), input_output_aliases={0: 0},
+                            vmap_method="sequential")
+    return call(buf, lengths.astype(jnp.int32), path.astype(jnp.int32))
 
 
 def applies_attention(rows: jax.Array, keys: jax.Array, mask: jax.Array) -> bool:

@@ -67,6 +67,9 @@ def apply_rope(x: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Arra
 
 
 def embed_tokens(params: Params, tokens: jax.Array) -> jax.Array:
+    """The rows of `tokens`, in float32 (a bfloat16 table's through cpu_kernel.rows on the CPU)."""
+    if cpu_kernel.applies_rows(params["embed"]):
+        return cpu_kernel.rows(params["embed"], tokens)
     return params["embed"][tokens].astype(jnp.float32)
 
 

@@ -1,0 +1,95 @@
+"""The CPU kernels that read embedding rows and write bfloat16 KV caches in place
+(kernels/rows_cpu.cc, kernels/cache_cpu.cc), bit for bit against the XLA ops they replace."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pass_jax import cpu_kernel
+from pass_jax.cache import KVCache, write_block
+from pass_jax.model import embed_tokens
+
+needs_kernel = pytest.mark.skipif(not cpu_kernel.available(), reason="kernel not built here (see the warning)")
+
+
+def _bits(x):
+    return np.asarray(jax.lax.bitcast_convert_type(x, jnp.uint16))
+
+
+@needs_kernel
+def test_rows_are_the_tables_rows():
+    table = jax.random.normal(jax.random.key(0), (50, 24)).astype(jnp.bfloat16)
+    tokens = jnp.array([[0, 49, 7], [-1, 60, 3]])  # from the end; past the end is clamped, as XLA's gather
+    got = jax.jit(embed_tokens)({"embed": table}, tokens)
+    with cpu_kernel.off():
+        want = jax.jit(embed_tokens)({"embed": table}, tokens)
+    assert "pass_jax_rows" in jax.jit(embed_tokens).lower({"embed": table}, tokens).as_text()
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert got.dtype == jnp.float32 and got.shape == (2, 3, 24)
+
+
+@needs_kernel
+def test_rows_gradient_scatters_back():
+    table = jax.random.normal(jax.random.key(1), (10, 4)).astype(jnp.bfloat16)
+    tokens = jnp.array([[2, 2, 5]])
+    loss = lambda t: jnp.sum(embed_tokens({"embed": t}, tokens) * jnp.arange(1.0, 4.0)[None, :, None])
+    got = jax.grad(loss)(table)
+    with cpu_kernel.off():
+        want = jax.grad(loss)(table)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    assert float(got[2, 0]) == 3.0  # the two reads of row 2 add up
+
+
+def _buffers(rng, b=2, s=12, kv=3, hd=4):
+    return jnp.asarray(rng.standard_normal((b, s, kv, hd)), jnp.bfloat16)
+
+
+@needs_kernel
+@pytest.mark.parametrize("offsets", [[0, 5], [9, 11], [12, -3]])  # in range; clamped at the end; clamped both ways
+def test_cache_write_is_xlas_dynamic_update_slice(offsets):
+    rng = np.random.default_rng(0)
+    buf = _buffers(rng)
+    block = rng.standard_normal((2, 3, 3, 4)).astype(np.float32) * np.float32(1e3)
+    block[0, 0, 0, :] = [np.nan, np.inf, 1 + 2 ** -8, 1 + 3 * 2 ** -8]  # NaN, inf and both ways of a tie
+    block = jnp.asarray(block)
+    offsets = jnp.array(offsets, jnp.int32)
+    fn = jax.jit(write_block)
+    got = fn(buf, block, offsets)
+    with cpu_kernel.off():
+        want = jax.jit(write_block)(buf, block, offsets)
+    assert "pass_jax_cache_write" in fn.lower(buf, block, offsets).as_text()
+    np.testing.assert_array_equal(_bits(got), _bits(want))
+
+
+@needs_kernel
+def test_cache_move_is_gather_path():
+    rng = np.random.default_rng(1)
+    keys, values = _buffers(rng), _buffers(rng)
+    cache = KVCache(keys=(keys,), values=(values,), lengths=jnp.array([2, 9], jnp.int32))
+    path = jnp.array([[0, 2, 3, 5], [0, 1, 4, 6]], jnp.int32)  # row 1's last slot is past the buffer: NaN
+    fn = jax.jit(KVCache.gather_path)
+    got = fn(cache, path)
+    with cpu_kernel.off():
+        want = jax.jit(KVCache.gather_path)(cache, path)
+    assert "pass_jax_cache_move" in fn.lower(cache, path).as_text()
+    for g, w in zip(got.keys + got.values, want.keys + want.values):
+        np.testing.assert_array_equal(_bits(g), _bits(w))
+    assert not np.array_equal(_bits(got.keys[0]), _bits(keys))  # it moved something
+
+
+@needs_kernel
+def test_decode_loop_writes_in_place():
+    """The written buffer is the call's output: XLA copies nothing around the writes (a copy of every
+    layer's buffer per pass is what the kernels remove)."""
+    buf = jnp.zeros((1, 64, 3, 4), jnp.bfloat16)
+
+    def loop(buf):
+        def body(i, buf):
+            return write_block(buf, jnp.full((1, 2, 3, 4), i, jnp.float32), jnp.array([2 * i]))
+        return jax.lax.fori_loop(0, 8, body, buf)
+
+    text = jax.jit(loop, donate_argnums=0).lower(buf).compile().as_text()
+    assert "pass_jax_cache_write" in text and "f32[1,64,3,4]" not in text  # never widened
+    got = np.asarray(jax.jit(loop)(buf), np.float32)
+    np.testing.assert_array_equal(got[0, :16:2, 0, 0], np.arange(8))
