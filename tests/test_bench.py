@@ -135,6 +135,7 @@ def test_speed_suite_measures_every_dtype_and_pass_width(tmp_path, capsys):
     assert [r["dtype"] for r in res["rows"]] == ["float32", "bfloat16"]
     for r in res["rows"]:
         assert r["jax_ms_per_token"] > 0 and r["floor_ms"] > 0 and r["ratio_to_floor"] > 0
+        assert r["jax_ms_per_token_long_cache"] > 0 and 16 < r["long_cache_slots"] <= 2048  # the model's limit
     assert res["rows"][1]["floor_ms"] < res["rows"][0]["floor_ms"]  # half the bytes streamed
     assert sorted((p["dtype"], p["tokens"]) for p in res["passes"]) == sorted(
         (d, t) for d in ("float32", "bfloat16") for t in SPEED_TOKENS)
