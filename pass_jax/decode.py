@@ -103,9 +103,9 @@ class Inputs:
 
 def _forward(plan: DecodePlan, inp: Inputs, embeds, positions, mask, cache, n_real: int, visible=None):
     """The decoder over a block whose slots from n_real on are look-aheads (they alone see a deep prefix)."""
-    rows = None
-    if inp.prefix is not None:
-        rows = jnp.broadcast_to(jnp.arange(embeds.shape[1]) >= n_real, embeds.shape[:2])
+    if inp.prefix is None or n_real >= embeds.shape[1]:  # no look-ahead rows: autoregressive decoding's graph
+        return forward(inp.params, plan.cfg, embeds, positions, mask, cache, visible=visible)
+    rows = jnp.broadcast_to(jnp.arange(embeds.shape[1]) >= n_real, embeds.shape[:2])
     return forward(inp.params, plan.cfg, embeds, positions, mask, cache, visible=visible, prefix=inp.prefix,
                    prefix_rows=rows)
 

@@ -126,10 +126,12 @@ def prefill_for_rounds(plan, params, lookahead, prompts):
     import jax.numpy as jnp
 
     from pass_jax.decode import Inputs, _prefill
+    from pass_jax.lookahead import split_lookahead
 
     padded = jnp.asarray([p + [0] * (16 - len(p)) for p in prompts])
-    inp = Inputs(params, lookahead, padded, jnp.asarray([len(p) for p in prompts]), jnp.zeros((len(prompts), 2),
-                                                                                             jnp.uint32))
+    embeds, prefix = split_lookahead(lookahead) if lookahead is not None else (None, None)
+    inp = Inputs(params, embeds, padded, jnp.asarray([len(p) for p in prompts]), jnp.zeros((len(prompts), 2),
+                                                                                          jnp.uint32), prefix=prefix)
     return inp, jax.jit(functools.partial(_prefill, plan))(inp)
 
 
