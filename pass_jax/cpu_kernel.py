@@ -4,7 +4,9 @@ XLA's CPU dot streams a one-row product below memory speed, costs ~2x at two row
 matrix-matrix kernel), and takes a pathological path for a one-row bfloat16 product. Decoding is
 made of exactly those products, so pass-jax ships its own: every weight tile is read once per
 pass of up to 12 rows, bfloat16 weights at their stored width. A layer's decode attention, a dozen
-small XLA ops whose per-op overhead dominated, is one call (kernels/attention_cpu.cc). Both are
+small XLA ops whose per-op overhead dominated, is one call (kernels/attention_cpu.cc), a deep
+look-ahead's prefix folded in. XLA gathers from and updates bfloat16 arrays by widening all of them,
+so embedding rows (rows_cpu.cc) and bfloat16 KV cache writes (cache_cpu.cc) are calls too. All are
 compiled once per machine
 with the system C++ compiler (-march=native) into ~/.cache/pass-jax/kernels and registered as an
 XLA FFI target. Where it cannot be built (no compiler, no AVX-512, not x86-64) or
@@ -235,13 +237,19 @@ def applies_attention(rows: jax.Array, keys: jax.Array, mask: jax.Array) -> bool
             and _few_rows(mask.shape[1], "attention") and _usable())
 
 
-def attention(rows: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array):
-    """Softmax attention of rows [B, KV, R, hd] over keys/values [B, S, KV, hd] where mask [B, T, S].
+def attention(rows: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array, prefix=None, prefix_rows=None):
+    """Softmax attention of rows [B, KV, R, hd] over keys/values [B, S, KV, hd] where mask [B, T, S];
+    prefix [2, P, KV, hd] (deep look-ahead keys/values) joins the softmax of the rows of the tokens
+    where prefix_rows [B, T].
 
     Returns out [B, KV, R, hd] and, per row, the max score and the sum of exp(score - max) (float32)."""
     b, kv, r, hd = rows.shape
+    if prefix is None:
+        prefix, prefix_rows = jnp.zeros((2, 0, kv, hd), keys.dtype), jnp.zeros(mask.shape[:2], bool)
+    prefix = prefix.astype(keys.dtype)
     out = (jax.ShapeDtypeStruct((b, kv, r, hd), jnp.float32), jax.ShapeDtypeStruct((b, kv, r, 2), jnp.float32))
-    o, stats = jax.ffi.ffi_call(ATTENTION, out, vmap_method="sequential")(rows.astype(jnp.float32), keys, values, mask)
+    o, stats = jax.ffi.ffi_call(ATTENTION, out, vmap_method="sequential")(
+        rows.astype(jnp.float32), keys, values, mask, prefix[0], prefix[1], prefix_rows.astype(bool))
     return o, stats[..., 0], stats[..., 1]
 
 

@@ -91,8 +91,11 @@ def _attention_xla(q, keys, values, mask, prefix=None, prefix_rows=None, local=N
     b, t, nq, hd = q.shape
     kv, groups = keys.shape[2], nq // keys.shape[2]
     rows = q.reshape(b, t, kv, groups, hd).astype(keys.dtype).transpose(0, 2, 1, 3, 4).reshape(b, kv, t * groups, hd)
-    attend = _attend_kernel if cpu_kernel.applies_attention(rows, keys, mask) else _attend
-    out, top, mass = attend(rows, keys, values, mask)
+    kernel = cpu_kernel.applies_attention(rows, keys, mask)
+    if kernel and prefix is not None and local is None:  # the prefix folded inside the kernel's softmax
+        out = _attend_folded_kernel(rows, keys, values, mask, prefix.astype(keys.dtype), prefix_rows)
+        return out.reshape(b, kv, t, groups, hd).transpose(0, 2, 1, 3, 4).reshape(b, t, nq * hd)
+    out, top, mass = (_attend_kernel if kernel else _attend)(rows, keys, values, mask)
     seen = None if prefix is None else (prefix.astype(keys.dtype), jnp.repeat(prefix_rows, groups, axis=1))
     if local is not None:  # the prefix joins each block's own keys: one small softmax instead of a fold
         out, top, mass = _merge((out, top, mass), _attend_local(rows, *local, seen))
@@ -205,6 +208,31 @@ def _attend_kernel_bwd(res, g):  # through XLA's ops: gradients only flow in tra
 
 
 _attend_kernel.defvjp(_attend_kernel_fwd, _attend_kernel_bwd)
+
+
+@jax.custom_vjp
+def _attend_folded_kernel(rows, keys, values, mask, prefix, prefix_rows):
+    """`_attend` then `_fold_prefix` as one kernel call (decode passes with a deep look-ahead)."""
+    return cpu_kernel.attention(rows, keys, values, mask, prefix, prefix_rows)[0]
+
+
+def _attend_folded_xla(rows, keys, values, mask, prefix, prefix_rows):
+    out, top, mass = _attend(rows, keys, values, mask)
+    return _fold_prefix(rows, top, mass, out, prefix, jnp.repeat(prefix_rows, rows.shape[2] // mask.shape[1], axis=1))
+
+
+def _attend_folded_fwd(*args):
+    return _attend_folded_kernel(*args), args
+
+
+def _attend_folded_bwd(res, g):  # through XLA's ops, as `_attend_kernel`'s
+    rows, keys, values, mask, prefix, prefix_rows = res
+    _, vjp = jax.vjp(lambda r, k, v, p: _attend_folded_xla(r, k, v, mask, p, prefix_rows), rows, keys, values, prefix)
+    dr, dk, dv, dp = vjp(g)
+    return dr, dk, dv, None, dp, None
+
+
+_attend_folded_kernel.defvjp(_attend_folded_fwd, _attend_folded_bwd)
 
 
 def _fold_prefix(rows, top, mass, out, prefix, seen):

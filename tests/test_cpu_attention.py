@@ -163,3 +163,45 @@ def test_training_takes_the_block_kernel(monkeypatch):
     assert len(calls) == cfg.num_layers
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-5, atol=1e-6)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 3, 6, 3, 130, 64, 4), (2, 2, 5, 2, 40, 32, 3), (1, 1, 3, 4, 20, 128, 17)])
+def test_prefix_folds_into_the_kernel(dtype, shape):
+    """A deep look-ahead's prefix inside the kernel's softmax: XLA's attention-then-fold for the rows
+    that see it (to bfloat16 rounding of the weights in bfloat16), and bit for bit the kernel without a
+    prefix for the rows that do not (the real tokens of a PaSS pass)."""
+    from pass_jax.model import _attend_folded_kernel, _attend_folded_xla
+
+    b, kv, t, groups, s, hd, p = shape
+    rng = np.random.default_rng(3)
+    rows, keys, values, mask = _case(rng, b, kv, t, groups, s, hd, dtype, rng.integers(1, s - t, b))
+    rows = rows.astype(jnp.float32)
+    prefix = jnp.asarray(rng.standard_normal((2, p, kv, hd)) * 3, dtype)
+    prefix_rows = jnp.broadcast_to(jnp.arange(t) >= t // 2, (b, t))
+    got = np.asarray(_attend_folded_kernel(rows, keys, values, mask, prefix, prefix_rows))
+    want = np.asarray(_attend_folded_xla(rows.astype(dtype), keys, values, mask, prefix, prefix_rows))
+    np.testing.assert_allclose(got, want, atol=3e-2 if dtype == jnp.bfloat16 else 1e-5, rtol=0)
+    plain = np.asarray(cpu_kernel.attention(rows, keys, values, mask)[0])
+    real = np.repeat(~np.asarray(prefix_rows), groups, 1)[:, None, :, None]
+    np.testing.assert_array_equal(np.where(real, got, 0), np.where(real, plain, 0))
+    assert np.max(np.abs(got - plain)) > 1.0  # the prefix rows did change
+
+
+@needs_kernel
+def test_prefix_fold_gradients_are_xlas():
+    from pass_jax.model import _attend_folded_kernel, _attend_folded_xla
+
+    rng = np.random.default_rng(4)
+    rows, keys, values, mask = _case(rng, 1, 2, 4, 2, 40, 32, jnp.float32, [20])
+    prefix = jnp.asarray(rng.standard_normal((2, 3, 2, 32)), jnp.float32)
+    prefix_rows = jnp.asarray([[False, True, True, False]])
+    weights = jnp.asarray(rng.standard_normal(rows.shape), jnp.float32)
+
+    def loss(fn):
+        return lambda r, k, v, p: jnp.sum(fn(r, k, v, mask, p, prefix_rows) * weights)
+
+    for got, want in zip(jax.grad(loss(_attend_folded_kernel), (0, 1, 2, 3))(rows, keys, values, prefix),
+                         jax.grad(loss(_attend_folded_xla), (0, 1, 2, 3))(rows, keys, values, prefix)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)

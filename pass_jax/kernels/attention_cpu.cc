@@ -9,6 +9,11 @@
 // Returns out [B, KV, R, hd] float32 and stats [B, KV, R, 2] = (max score, sum of exp(score - max))
 // over the seen entries, which is what folding further keys into the softmax needs.
 //
+// A deep look-ahead's prefix keys / values [P, KV, hd] (P may be 0) join the softmax of the rows of
+// the tokens t where prefix_rows [B, T] is true (the look-ahead rows), after the buffer's entries;
+// every other row computes exactly what it computes without a prefix. Folding it in here replaced
+// half a dozen small XLA ops per layer of every PaSS pass.
+//
 // Every number a row computes depends only on its query, the entries it sees and their buffer
 // positions: sums over entries run in one order over the buffer in 16-entry blocks (unseen
 // entries add exact zeros), whatever T, the buffer length S or the other rows. So a token
@@ -62,13 +67,16 @@ inline void store_merged(float* o, const __m512* acc, uint16_t) {
 }
 
 struct Shape {
-  int64_t B, KV, R, T, S, groups;
+  int64_t B, KV, R, T, S, groups, P;
 };
+
+constexpr int64_t kMaxPrefix = 64;
 
 // Rows [r0, r1) of head (b, h), NV = hd / 16. probs is scratch of (r1 - r0) x S16 floats.
 template <int NV, typename C>
-void attend(const Shape& d, const float* rows, const C* keys, const C* values, const bool* mask, float* out,
-            float* stats, int64_t b, int64_t h, int64_t r0, int64_t r1, float* probs, int64_t S16) {
+void attend(const Shape& d, const float* rows, const C* keys, const C* values, const bool* mask, const C* pkeys,
+            const C* pvalues, const bool* prefix_rows, float* out, float* stats, int64_t b, int64_t h, int64_t r0,
+            int64_t r1, float* probs, int64_t S16) {
   constexpr int64_t hd = 16 * NV;
   const float scale = 1.0f / std::sqrt(float(hd));
   const int64_t entry = d.KV * hd;  // stride between cache entries
@@ -101,6 +109,17 @@ void attend(const Shape& d, const float* rows, const C* keys, const C* values, c
       _mm512_storeu_ps(p + j0, scores);
       top = std::max(top, _mm512_reduce_max_ps(scores));
     }
+    const bool with_prefix = d.P > 0 && prefix_rows[b * d.T + r / d.groups];
+    float* pp = probs + (r1 - r0) * S16 + (r - r0) * kMaxPrefix;  // the prefix's scores, then weights
+    if (with_prefix)
+      for (int64_t i = 0; i < d.P; ++i) {
+        __m512 k[NV];
+        load_entry<NV>(pkeys + (i * d.KV + h) * hd, k);
+        __m512 acc = _mm512_mul_ps(qv[0], k[0]);
+        for (int c = 1; c < NV; ++c) acc = _mm512_fmadd_ps(qv[c], k[c], acc);
+        pp[i] = _mm512_reduce_add_ps(acc) * scale;
+        top = std::max(top, pp[i]);
+      }
     const bool none = top == -INFINITY;  // sees nothing: XLA's -1e30 fill makes that uniform
     if (none)
       for (int64_t j = 0; j < S16; ++j) p[j] = j < d.S ? 0.f : -INFINITY;
@@ -113,7 +132,13 @@ void attend(const Shape& d, const float* rows, const C* keys, const C* values, c
       _mm512_storeu_ps(p + j, e);
       lanes = _mm512_add_ps(lanes, e);
     }
-    const float sum = _mm512_reduce_add_ps(lanes);
+    float sum = _mm512_reduce_add_ps(lanes);
+    if (with_prefix) {
+      for (int64_t i = 0; i < d.P; ++i) pp[i] = std::exp(pp[i] - top);
+      for (int64_t i = 0; i < d.P; ++i) sum += pp[i];
+      for (int64_t i = 0; i < d.P; ++i)
+        pp[i] = _mm512_cvtss_f32(round_to(_mm512_set1_ps(pp[i] / sum), C{}));
+    }
     for (int64_t j = 0; j < S16; j += 16)
       _mm512_storeu_ps(p + j, round_to(_mm512_div_ps(_mm512_loadu_ps(p + j), _mm512_set1_ps(sum)), C{}));
     float* st = stats + ((b * d.KV + h) * d.R + r) * 2;
@@ -138,53 +163,74 @@ void attend(const Shape& d, const float* rows, const C* keys, const C* values, c
         for (int i = 0; i < NV; ++i) acc[m][i] = _mm512_fmadd_ps(pm, vv[i], acc[m][i]);
       }
     }
-    for (int m = 0; m < rt; ++m) store_merged<NV>(out + ((b * d.KV + h) * d.R + t0 + m) * hd, acc[m], C{});
+    for (int m = 0; m < rt; ++m) {
+      if (d.P > 0 && prefix_rows[b * d.T + (t0 + m) / d.groups]) {
+        const float* pp = probs + (r1 - r0) * S16 + (t0 + m - r0) * kMaxPrefix;
+        for (int64_t i = 0; i < d.P; ++i) {
+          __m512 vv[NV];
+          load_entry<NV>(pvalues + (i * d.KV + h) * hd, vv);
+          const __m512 pm = _mm512_set1_ps(pp[i]);
+          for (int c = 0; c < NV; ++c) acc[m][c] = _mm512_fmadd_ps(pm, vv[c], acc[m][c]);
+        }
+      }
+      store_merged<NV>(out + ((b * d.KV + h) * d.R + t0 + m) * hd, acc[m], C{});
+    }
   }
 }
 
 template <int NV, typename C>
 void run(ffi::ThreadPool& pool, const Shape& d, const float* rows, const C* keys, const C* values, const bool* mask,
-         float* out, float* stats) {
+         const C* pkeys, const C* pvalues, const bool* prefix_rows, float* out, float* stats) {
   constexpr int64_t kRowsPerChunk = 24 / NV;
   const int64_t blocks = (d.R + kRowsPerChunk - 1) / kRowsPerChunk;
   const int64_t S16 = (d.S + 15) / 16 * 16;
   parallel_chunks(pool, d.B * d.KV * blocks, [&, S16](int64_t c) {
     const int64_t bh = c / blocks, r0 = c % blocks * kRowsPerChunk;
-    std::unique_ptr<float[]> probs(new float[kRowsPerChunk * S16]);
-    attend<NV>(d, rows, keys, values, mask, out, stats, bh / d.KV, bh % d.KV, r0, std::min(d.R, r0 + kRowsPerChunk),
-               probs.get(), S16);
+    std::unique_ptr<float[]> probs(new float[kRowsPerChunk * (S16 + kMaxPrefix)]);
+    attend<NV>(d, rows, keys, values, mask, pkeys, pvalues, prefix_rows, out, stats, bh / d.KV, bh % d.KV, r0,
+               std::min(d.R, r0 + kRowsPerChunk), probs.get(), S16);
   });
 }
 
 template <typename C>
 ffi::Error dispatch(ffi::ThreadPool& pool, const Shape& d, int64_t hd, const float* rows, const C* keys,
-                    const C* values, const bool* mask, float* out, float* stats) {
+                    const C* values, const bool* mask, const C* pkeys, const C* pvalues, const bool* prefix_rows,
+                    float* out, float* stats) {
   switch (hd) {
-    case 32: run<2>(pool, d, rows, keys, values, mask, out, stats); break;
-    case 64: run<4>(pool, d, rows, keys, values, mask, out, stats); break;
-    case 128: run<8>(pool, d, rows, keys, values, mask, out, stats); break;
+    case 32: run<2>(pool, d, rows, keys, values, mask, pkeys, pvalues, prefix_rows, out, stats); break;
+    case 64: run<4>(pool, d, rows, keys, values, mask, pkeys, pvalues, prefix_rows, out, stats); break;
+    case 128: run<8>(pool, d, rows, keys, values, mask, pkeys, pvalues, prefix_rows, out, stats); break;
     default: return ffi::Error::InvalidArgument("pass_jax_attention: head_dim must be 32, 64 or 128");
   }
   return ffi::Error::Success();
 }
 
 ffi::Error Attention(ffi::ThreadPool pool, ffi::AnyBuffer rows, ffi::AnyBuffer keys, ffi::AnyBuffer values,
-                     ffi::AnyBuffer mask, ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> stats) {
-  const auto rd = rows.dimensions(), kd = keys.dimensions(), md = mask.dimensions();
+                     ffi::AnyBuffer mask, ffi::AnyBuffer pkeys, ffi::AnyBuffer pvalues, ffi::AnyBuffer prefix_rows,
+                     ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> stats) {
+  const auto rd = rows.dimensions(), kd = keys.dimensions(), md = mask.dimensions(), pd = pkeys.dimensions(),
+             prd = prefix_rows.dimensions();
   if (rd.size() != 4 || kd.size() != 4 || md.size() != 3 || rows.element_type() != ffi::DataType::F32 ||
       mask.element_type() != ffi::DataType::PRED || keys.element_type() != values.element_type() ||
       kd[0] != rd[0] || kd[2] != rd[1] || kd[3] != rd[3] || md[0] != rd[0] || md[2] != kd[1] || rd[2] % md[1])
     return ffi::Error::InvalidArgument("pass_jax_attention: want rows [B, KV, R, hd], keys/values [B, S, KV, hd], mask [B, T, S]");
-  const Shape d{rd[0], rd[1], rd[2], md[1], kd[1], rd[2] / md[1]};
+  if (pd.size() != 3 || pkeys.element_type() != keys.element_type() || pvalues.element_type() != keys.element_type() ||
+      pvalues.element_count() != pkeys.element_count() || pd[0] > kMaxPrefix || pd[1] != kd[2] || pd[2] != kd[3] || prd.size() != 2 ||
+      prd[0] != md[0] || prd[1] != md[1] || prefix_rows.element_type() != ffi::DataType::PRED)
+    return ffi::Error::InvalidArgument("pass_jax_attention: want prefix keys/values [P <= 64, KV, hd] like the cache, prefix_rows [B, T]");
+  const Shape d{rd[0], rd[1], rd[2], md[1], kd[1], rd[2] / md[1], pd[0]};
   const float* rp = rows.typed_data<float>();
   const bool* mp = reinterpret_cast<const bool*>(mask.untyped_data());
+  const bool* prp = reinterpret_cast<const bool*>(prefix_rows.untyped_data());
   float* op = out->typed_data<float>();
   float* sp = stats->typed_data<float>();
   if (keys.element_type() == ffi::DataType::F32)
-    return dispatch(pool, d, rd[3], rp, keys.typed_data<float>(), values.typed_data<float>(), mp, op, sp);
-  if (keys.element_type() == ffi::DataType::BF16)
-    return dispatch(pool, d, rd[3], rp, reinterpret_cast<const uint16_t*>(keys.untyped_data()),
-                    reinterpret_cast<const uint16_t*>(values.untyped_data()), mp, op, sp);
+    return dispatch(pool, d, rd[3], rp, keys.typed_data<float>(), values.typed_data<float>(), mp,
+                    pkeys.typed_data<float>(), pvalues.typed_data<float>(), prp, op, sp);
+  if (keys.element_type() == ffi::DataType::BF16) {
+    auto bf = [](const ffi::AnyBuffer& x) { return reinterpret_cast<const uint16_t*>(x.untyped_data()); };
+    return dispatch(pool, d, rd[3], rp, bf(keys), bf(values), mp, bf(pkeys), bf(pvalues), prp, op, sp);
+  }
   return ffi::Error::InvalidArgument("pass_jax_attention: the cache must be float32 or bfloat16");
 }
 
@@ -194,6 +240,9 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::AnyBuffer rows, ffi::AnyBuffer k
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PassJaxAttention, Attention,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
