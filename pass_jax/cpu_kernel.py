@@ -40,6 +40,7 @@ ATTENTION = "pass_jax_attention"
 BLOCK_ATTENTION = ("pass_jax_block_attention", "pass_jax_block_attention_grad")
 ROWS = "pass_jax_rows"
 CACHE = ("pass_jax_cache_write", "pass_jax_cache_move")
+MAX_PREFIX = 64  # deep look-ahead prefix entries the attention kernel folds in (init_deep allows up to 64)
 MAX_ROWS = 64  # up to here the kernel is at least as fast as XLA's dot; past it (prefill, training) XLA's GEMM
 _EVERY_PASS = contextvars.ContextVar("pass_jax_kernels_every_pass", default=frozenset())
 _OFF = contextvars.ContextVar("pass_jax_kernels_off", default=False)

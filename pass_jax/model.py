@@ -92,7 +92,7 @@ def _attention_xla(q, keys, values, mask, prefix=None, prefix_rows=None, local=N
     kv, groups = keys.shape[2], nq // keys.shape[2]
     rows = q.reshape(b, t, kv, groups, hd).astype(keys.dtype).transpose(0, 2, 1, 3, 4).reshape(b, kv, t * groups, hd)
     kernel = cpu_kernel.applies_attention(rows, keys, mask)
-    if kernel and prefix is not None and local is None:  # the prefix folded inside the kernel's softmax
+    if kernel and prefix is not None and local is None and prefix.shape[1] <= cpu_kernel.MAX_PREFIX:  # one softmax
         out = _attend_folded_kernel(rows, keys, values, mask, prefix.astype(keys.dtype), prefix_rows)
         return out.reshape(b, kv, t, groups, hd).transpose(0, 2, 1, 3, 4).reshape(b, t, nq * hd)
     out, top, mass = (_attend_kernel if kernel else _attend)(rows, keys, values, mask)
