@@ -200,12 +200,12 @@ def rows(table: jax.Array, tokens: jax.Array) -> jax.Array:
 
 
 def _rows_fwd(table, tokens):
-    return rows(table, tokens), (jnp.zeros_like(table), tokens)
+    return rows(table, tokens), (table, tokens)
 
 
 def _rows_bwd(res, g):  # a full model's training differentiates the table: scatter the rows' gradients back
-    zeros, tokens = res
-    return zeros.at[tokens].add(g.astype(zeros.dtype)), None
+    table, tokens = res
+    return jnp.zeros_like(table).at[tokens].add(g.astype(table.dtype)), None
 
 
 rows.defvjp(_rows_fwd, _rows_bwd)

@@ -7,29 +7,26 @@
 #include "common.h"
 
 namespace {
+using namespace pass_jax;
+
+template <typename W>
+void copy_rows(const W* table, const int32_t* tokens, float* out, int64_t V, int64_t D, int64_t N) {
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t t = std::clamp<int64_t>(tokens[n] < 0 ? tokens[n] + V : tokens[n], 0, V - 1);
+    for (int64_t d = 0; d < D; ++d) out[n * D + d] = to_float(table[t * D + d]);
+  }
+}
 
 ffi::Error Rows(ffi::AnyBuffer table, ffi::Buffer<ffi::S32> tokens, ffi::Result<ffi::Buffer<ffi::F32>> out) {
   const auto td = table.dimensions();
   if (td.size() != 2) return ffi::Error::InvalidArgument("pass_jax_rows: want a table [V, D]");
   const int64_t V = td[0], D = td[1], N = tokens.element_count();
-  const int32_t* tok = tokens.typed_data();
-  float* o = out->typed_data();
-  auto row = [&](int64_t n) {
-    int64_t t = tok[n] < 0 ? tok[n] + V : tok[n];
-    return std::clamp<int64_t>(t, 0, V - 1) * D;
-  };
-  if (table.element_type() == ffi::DataType::F32) {
-    for (int64_t n = 0; n < N; ++n) std::memcpy(o + n * D, table.typed_data<float>() + row(n), sizeof(float) * D);
-  } else if (table.element_type() == ffi::DataType::BF16) {
-    const auto* t = reinterpret_cast<const uint16_t*>(table.untyped_data());
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t d = 0; d < D; ++d) {
-        const uint32_t bits = uint32_t(t[row(n) + d]) << 16;
-        std::memcpy(o + n * D + d, &bits, sizeof(float));
-      }
-  } else {
+  if (table.element_type() == ffi::DataType::F32)
+    copy_rows(table.typed_data<float>(), tokens.typed_data(), out->typed_data(), V, D, N);
+  else if (table.element_type() == ffi::DataType::BF16)
+    copy_rows(reinterpret_cast<const uint16_t*>(table.untyped_data()), tokens.typed_data(), out->typed_data(), V, D, N);
+  else
     return ffi::Error::InvalidArgument("pass_jax_rows: the table must be float32 or bfloat16");
-  }
   return ffi::Error::Success();
 }
 
