@@ -72,11 +72,33 @@ struct Shape {
 
 constexpr int64_t kMaxPrefix = 64;
 
-// Rows [r0, r1) of head (b, h), NV = hd / 16. probs is scratch of (r1 - r0) x S16 floats.
+// One call's buffers; C is the cache's element type (float or bfloat16 bits).
+template <typename C>
+struct Buffers {
+  const float* rows;
+  const C *keys, *values;
+  const bool* mask;
+  const C *pkeys, *pvalues;  // the deep prefix [P, KV, hd]
+  const bool* prefix_rows;
+  float *out, *stats;
+};
+
+// q . entry as 16 lane partial sums (the lanes of an entry's NV vectors, summed in one order).
 template <int NV, typename C>
-void attend(const Shape& d, const float* rows, const C* keys, const C* values, const bool* mask, const C* pkeys,
-            const C* pvalues, const bool* prefix_rows, float* out, float* stats, int64_t b, int64_t h, int64_t r0,
-            int64_t r1, float* probs, int64_t S16) {
+inline __m512 products(const __m512* qv, const C* e) {
+  __m512 k[NV];
+  load_entry<NV>(e, k);
+  __m512 acc = _mm512_mul_ps(qv[0], k[0]);
+  for (int c = 1; c < NV; ++c) acc = _mm512_fmadd_ps(qv[c], k[c], acc);
+  return acc;
+}
+
+// Rows [r0, r1) of head (b, h), NV = hd / 16. probs is scratch of (r1 - r0) x S16 floats for the
+// buffer's entries, then (r1 - r0) x kMaxPrefix for the prefix's.
+template <int NV, typename C>
+void attend(const Shape& d, const Buffers<C>& io, int64_t b, int64_t h, int64_t r0, int64_t r1, float* probs,
+            int64_t S16) {
+  const auto [rows, keys, values, mask, pkeys, pvalues, prefix_rows, out, stats] = io;
   constexpr int64_t hd = 16 * NV;
   const float scale = 1.0f / std::sqrt(float(hd));
   const int64_t entry = d.KV * hd;  // stride between cache entries
@@ -100,10 +122,7 @@ void attend(const Shape& d, const float* rows, const C* keys, const C* values, c
       __m512 acc[16];
       for (int i = 0; i < 16; ++i) {
         const int64_t j = std::min(j0 + kSlot[i], d.S - 1);  // past the buffer: any entry, masked below
-        __m512 k[NV];
-        load_entry<NV>(kh + j * entry, k);
-        acc[i] = _mm512_mul_ps(qv[0], k[0]);
-        for (int c = 1; c < NV; ++c) acc[i] = _mm512_fmadd_ps(qv[c], k[c], acc[i]);
+        acc[i] = products<NV>(qv, kh + j * entry);
       }
       const __m512 scores = _mm512_mask_mov_ps(minus_inf, live, _mm512_mul_ps(sum_each(acc), _mm512_set1_ps(scale)));
       _mm512_storeu_ps(p + j0, scores);
@@ -113,11 +132,7 @@ void attend(const Shape& d, const float* rows, const C* keys, const C* values, c
     float* pp = probs + (r1 - r0) * S16 + (r - r0) * kMaxPrefix;  // the prefix's scores, then weights
     if (with_prefix)
       for (int64_t i = 0; i < d.P; ++i) {
-        __m512 k[NV];
-        load_entry<NV>(pkeys + (i * d.KV + h) * hd, k);
-        __m512 acc = _mm512_mul_ps(qv[0], k[0]);
-        for (int c = 1; c < NV; ++c) acc = _mm512_fmadd_ps(qv[c], k[c], acc);
-        pp[i] = _mm512_reduce_add_ps(acc) * scale;
+        pp[i] = _mm512_reduce_add_ps(products<NV>(qv, pkeys + (i * d.KV + h) * hd)) * scale;
         top = std::max(top, pp[i]);
       }
     const bool none = top == -INFINITY;  // sees nothing: XLA's -1e30 fill makes that uniform
@@ -179,27 +194,23 @@ void attend(const Shape& d, const float* rows, const C* keys, const C* values, c
 }
 
 template <int NV, typename C>
-void run(ffi::ThreadPool& pool, const Shape& d, const float* rows, const C* keys, const C* values, const bool* mask,
-         const C* pkeys, const C* pvalues, const bool* prefix_rows, float* out, float* stats) {
+void run(ffi::ThreadPool& pool, const Shape& d, const Buffers<C>& io) {
   constexpr int64_t kRowsPerChunk = 24 / NV;
   const int64_t blocks = (d.R + kRowsPerChunk - 1) / kRowsPerChunk;
   const int64_t S16 = (d.S + 15) / 16 * 16;
   parallel_chunks(pool, d.B * d.KV * blocks, [&, S16](int64_t c) {
     const int64_t bh = c / blocks, r0 = c % blocks * kRowsPerChunk;
     std::unique_ptr<float[]> probs(new float[kRowsPerChunk * (S16 + kMaxPrefix)]);
-    attend<NV>(d, rows, keys, values, mask, pkeys, pvalues, prefix_rows, out, stats, bh / d.KV, bh % d.KV, r0,
-               std::min(d.R, r0 + kRowsPerChunk), probs.get(), S16);
+    attend<NV>(d, io, bh / d.KV, bh % d.KV, r0, std::min(d.R, r0 + kRowsPerChunk), probs.get(), S16);
   });
 }
 
 template <typename C>
-ffi::Error dispatch(ffi::ThreadPool& pool, const Shape& d, int64_t hd, const float* rows, const C* keys,
-                    const C* values, const bool* mask, const C* pkeys, const C* pvalues, const bool* prefix_rows,
-                    float* out, float* stats) {
+ffi::Error dispatch(ffi::ThreadPool& pool, const Shape& d, int64_t hd, const Buffers<C>& io) {
   switch (hd) {
-    case 32: run<2>(pool, d, rows, keys, values, mask, pkeys, pvalues, prefix_rows, out, stats); break;
-    case 64: run<4>(pool, d, rows, keys, values, mask, pkeys, pvalues, prefix_rows, out, stats); break;
-    case 128: run<8>(pool, d, rows, keys, values, mask, pkeys, pvalues, prefix_rows, out, stats); break;
+    case 32: run<2>(pool, d, io); break;
+    case 64: run<4>(pool, d, io); break;
+    case 128: run<8>(pool, d, io); break;
     default: return ffi::Error::InvalidArgument("pass_jax_attention: head_dim must be 32, 64 or 128");
   }
   return ffi::Error::Success();
@@ -219,18 +230,15 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::AnyBuffer rows, ffi::AnyBuffer k
       prd[0] != md[0] || prd[1] != md[1] || prefix_rows.element_type() != ffi::DataType::PRED)
     return ffi::Error::InvalidArgument("pass_jax_attention: want prefix keys/values [P <= 64, KV, hd] like the cache, prefix_rows [B, T]");
   const Shape d{rd[0], rd[1], rd[2], md[1], kd[1], rd[2] / md[1], pd[0]};
-  const float* rp = rows.typed_data<float>();
-  const bool* mp = reinterpret_cast<const bool*>(mask.untyped_data());
-  const bool* prp = reinterpret_cast<const bool*>(prefix_rows.untyped_data());
-  float* op = out->typed_data<float>();
-  float* sp = stats->typed_data<float>();
-  if (keys.element_type() == ffi::DataType::F32)
-    return dispatch(pool, d, rd[3], rp, keys.typed_data<float>(), values.typed_data<float>(), mp,
-                    pkeys.typed_data<float>(), pvalues.typed_data<float>(), prp, op, sp);
-  if (keys.element_type() == ffi::DataType::BF16) {
-    auto bf = [](const ffi::AnyBuffer& x) { return reinterpret_cast<const uint16_t*>(x.untyped_data()); };
-    return dispatch(pool, d, rd[3], rp, bf(keys), bf(values), mp, bf(pkeys), bf(pvalues), prp, op, sp);
-  }
+  auto buffers = [&](auto element) {  // element: std::type_identity of the cache's element type
+    using C = typename decltype(element)::type;
+    auto cache = [](const ffi::AnyBuffer& x) { return reinterpret_cast<const C*>(x.untyped_data()); };
+    auto pred = [](const ffi::AnyBuffer& x) { return reinterpret_cast<const bool*>(x.untyped_data()); };
+    return Buffers<C>{rows.typed_data<float>(), cache(keys), cache(values), pred(mask), cache(pkeys), cache(pvalues),
+                      pred(prefix_rows), out->typed_data<float>(), stats->typed_data<float>()};
+  };
+  if (keys.element_type() == ffi::DataType::F32) return dispatch(pool, d, rd[3], buffers(std::type_identity<float>{}));
+  if (keys.element_type() == ffi::DataType::BF16) return dispatch(pool, d, rd[3], buffers(std::type_identity<uint16_t>{}));
   return ffi::Error::InvalidArgument("pass_jax_attention: the cache must be float32 or bfloat16");
 }
 
