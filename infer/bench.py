@@ -20,8 +20,6 @@ Suites (each writes JSON to --out and prints a table):
 from __future__ import annotations
 
 import json
-import os
-import platform
 import shlex
 import sys
 import tempfile
@@ -32,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from .bench_matrices import suite_matrices
+from .timing import machine
 
 PRESETS = files("infer") / "data" / "models.yaml"  # package data: found from any install
 
@@ -320,7 +319,6 @@ def _log(row: dict) -> None:
 
 
 def run(args) -> int:
-    import jax
 
     from pass_jax.sharding import parse_mesh
 
@@ -343,9 +341,7 @@ def run(args) -> int:
     result = {"suite": "model" if args.model and args.suite not in ("methods", "speed", "matrices") else args.suite,
               "dtype": args.dtype, "new_tokens": args.new_tokens, "repeats": args.repeats,
               "command": "python -m infer " + shlex.join(sys.argv[1:]) if sys.argv[0].endswith("__main__.py") else None,
-              "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "jax": jax.__version__,
-                          "device": str(jax.devices()[0]),
-                          "device_kind": jax.devices()[0].device_kind, "mesh": mesh_arg},
+              "machine": machine(mesh=mesh_arg),
               **fn(args, names)}
     text = json.dumps(result, indent=2)
     if args.out:

@@ -131,6 +131,7 @@ def run(args) -> int:
     from pass_jax import load_model
 
     from .options import check_k_arg, resolve_lookahead, with_demo_defaults
+    from .timing import machine
 
     check_k_arg(args.k)
     args.model, args.lookahead = with_demo_defaults(args.model, args.lookahead)
@@ -155,7 +156,7 @@ def run(args) -> int:
     result = {"model": args.model, "method": args.method, "k": args.k if "pass" in runs else 0,
               "lookahead": args.lookahead if "pass" in runs else None, "problems": len(tasks),
               "samples": args.samples, "temperature": args.temperature, "batch_size": args.batch_size,
-              "max_new_tokens": args.max_new_tokens, "chat": args.chat,
+              "max_new_tokens": args.max_new_tokens, "chat": args.chat, "machine": machine(),
               "command": "python -m infer " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("__main__.py") else None}
     texts = {}
     for name, options in tqdm(runs.items(), desc="humaneval", unit="method", file=sys.stderr):

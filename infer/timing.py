@@ -4,11 +4,35 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import platform
 from collections.abc import Callable
+from pathlib import Path
 
 from pass_jax import GenerationResult
 
 Run = Callable[[], GenerationResult]
+
+
+def machine(**extra) -> dict:
+    """Where a benchmark ran, for its JSON: the same command gives other ratios on another CPU (a
+    16-token pass cost 2.8x a 1-token pass on one 2-core machine here, 1.5x on another)."""
+    import jax
+
+    info = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, val = line.partition(":")
+            if key.strip() in ("model name", "cpu family", "model", "stepping") and key.strip() not in info:
+                info[key.strip()] = val.strip()
+    except OSError:
+        info["model name"] = platform.processor()
+    l3 = Path("/sys/devices/system/cpu/cpu0/cache/index3/size")
+    cpu = " ".join(filter(None, [info.get("model name"), info.get("cpu family") and
+                                 f"(family {info['cpu family']} model {info.get('model')} stepping {info.get('stepping')})",
+                                 l3.is_file() and f"L3 {l3.read_text().strip()}"]))
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "platform": platform.platform(), "jax": jax.__version__,
+            "device": str(jax.devices()[0]), "device_kind": jax.devices()[0].device_kind, **extra}
 
 
 def _with_compile(res: GenerationResult, compile_seconds: float) -> GenerationResult:

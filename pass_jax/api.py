@@ -91,12 +91,11 @@ class GenerationStats:
     acceptance_by_position: list[float]  # fraction of rounds in which drafts 1..j+1 were all accepted
     row_forward_passes: list[int]
     node_acceptance: list[float] | None = None  # tree methods: how often each node was on the accepted path
+    ngram_share: float | None = None  # trees with an n-gram chain: share of rounds in which a row drafted one
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        if self.node_acceptance is None:
-            del d["node_acceptance"]
-        return d
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if v is not None or k not in ("node_acceptance", "ngram_share")}
 
     def __getitem__(self, key: str):
         """stats["seconds"], as when stats were a dict."""
@@ -351,10 +350,12 @@ def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]
     new_tokens = int(out_len.sum())
     row_passes = np.asarray(state.row_passes)
     rounds = int(state.draft_rounds)
-    node_acceptance = None
+    node_acceptance = ngram_share = None
     if state.node_hits is not None:  # tree methods: how often each node was on the accepted path
         hits = np.asarray(state.node_hits)
         node_acceptance = (hits / max(int(hits[0]), 1)).tolist()
+        if state.ngram_rows is not None:  # the root is on every live (row, round) pair's path
+            ngram_share = int(state.ngram_rows) / max(int(hits[0]), 1)
     stats = GenerationStats(
         new_tokens=new_tokens,
         forward_passes=int(state.calls),
@@ -365,6 +366,7 @@ def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]
         acceptance_by_position=[float(a) / rounds if rounds else 0.0 for a in np.asarray(state.accepted)],
         row_forward_passes=row_passes.tolist(),
         node_acceptance=node_acceptance,
+        ngram_share=ngram_share,
     )
     texts = None
     if model.tokenizer is not None:

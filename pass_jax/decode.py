@@ -86,6 +86,7 @@ class DecodeState:
     draft_cache: KVCache | None = None  # the draft model's cache (two-model speculative sampling only)
     top_candidates: jax.Array | None = None  # [B, k, C] tree methods: best C tokens of each look-ahead output
     node_hits: jax.Array | None = None  # [N] tree methods: (row, round) pairs whose accepted path held node i
+    ngram_rows: jax.Array | None = None  # scalar, trees with an n-gram chain: (row, round) pairs that drafted one
 
 
 @struct.dataclass
@@ -273,7 +274,8 @@ def _prefill(plan: DecodePlan, inp: Inputs) -> DecodeState:
         n_drafts=zero, out=jnp.zeros((b, spec.max_new_tokens + spec.block_tokens + 1), jnp.int32), out_len=zero,
         done=jnp.zeros((b,), bool), row_passes=zero, calls=jnp.int32(0),
         accepted=jnp.zeros((spec.max_drafts,), jnp.int32), draft_rounds=jnp.int32(0),
-        node_hits=jnp.zeros((spec.tree.num_nodes,), jnp.int32) if spec.is_tree else None)
+        node_hits=jnp.zeros((spec.tree.num_nodes,), jnp.int32) if spec.is_tree else None,
+        ngram_rows=jnp.int32(0) if spec.is_tree and spec.tree.ngram else None)
     if use_la and spec.is_tree:
         top = top_k(logits_from_hidden(params, la_hidden), spec.tree.max_rank)[1]
         state = state.replace(top_candidates=top.astype(jnp.int32), n_drafts=jnp.full((b,), k, jnp.int32))
@@ -343,6 +345,7 @@ def _tree_method_round(plan, inp, st):
     history = row_history(inp.prompts, inp.prompt_lens, st.out)
     tokens, valid, matched = prompt_lookup(history, inp.prompt_lens + st.out_len, tree.ngram_n, tree.ngram)
     valid &= (matched >= tree.ngram_min)[:, None]
+    st = st.replace(ngram_rows=st.ngram_rows + jnp.sum(valid[:, 0] & ~st.done))
     if tree.ngram_min == 1:  # every match is drafted: always the full tree
         return _tree_round(plan, inp, st, tree, (tokens, valid))
     return jax.lax.cond(jnp.any(valid[:, 0] & ~st.done), lambda s: _tree_round(plan, inp, s, tree, (tokens, valid)),

@@ -270,3 +270,20 @@ def test_shipped_lookaheads_are_complete_and_say_how_they_were_made():
         if meta.get("deep_prefix"):
             assert state["prefix"].shape == (arch["num_layers"], 2, meta["deep_prefix"], arch["num_kv_heads"],
                                              arch["head_dim"])
+
+
+def test_tune_decodes_its_finalists_side_by_side_and_answers_the_fastest(tmp_path, capsys):
+    from pass_jax.api import DEFAULT_TREE
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def add(a, b):\n    return a + b\n\n\ndef add(a, b):\n\nimport os\nimport sys\nimport os\n")
+    code, out, _ = _run(["tune", "--prompts", str(prompts), "--max-new-tokens", "12", "--repeats", "1",
+                         "--max-nodes", "6", "--out", str(tmp_path / "tune.json")], capsys)
+    res = json.loads(out)
+    measured = res["measured"]
+    assert code == 0 and json.loads((tmp_path / "tune.json").read_text()) == res
+    assert {"ar", DEFAULT_TREE.describe()} < set(measured) and 0 <= res["ngram_share"] <= 1
+    assert res["expected_best"] in measured or res["expected_best"] == "ar"
+    assert res["chosen"] == max(measured, key=lambda n: measured[n]["tokens_per_second"])
+    assert all(m["identical_to_ar"] for m in measured.values())  # greedy: every tree is lossless
+    assert res["machine"]["cpu_count"] >= 1

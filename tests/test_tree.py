@@ -236,3 +236,43 @@ def test_default_tree_fits_any_k(small_vocab_model):
     ar = pj.generate(small_vocab_model, PROMPTS, max_new_tokens=12, eos_token_id=())
     assert pj.generate(small_vocab_model, PROMPTS, max_new_tokens=12, eos_token_id=(), method="pass",
                        k=1).token_ids == ar.token_ids
+
+
+def test_ngram_share_counts_the_rounds_whose_row_drafted_a_gated_chain(small_vocab_model):
+    """stats.ngram_share (what `tune` prices a gated chain by) = (row, round) pairs whose history's last
+    ngram_min tokens occurred earlier with a known token after them, replayed here in numpy."""
+    m = small_vocab_model
+    prompts = [[1, 2, 3, 4, 1, 2, 3, 4, 1, 2], [5, 6, 5, 6, 5], [0, 1, 2, 3, 4, 5, 6]]
+    spec = DecodeSpec("ngram", 0, "tree", pj.Sampler(), 24, (), DraftTree.parse("ngram=3;ngram_min=2"))
+    plan = DecodePlan(m.config, spec, max_len=64)
+    inp, state = prefill_for_rounds(plan, m.params, jnp.zeros((0, m.config.hidden_size)), prompts)
+    step = jax.jit(functools.partial(_tree_method_round, plan))
+    expected = rounds = 0
+    while not bool(state.done.all()):
+        out, out_len, done = (np.asarray(a) for a in (state.out, state.out_len, state.done))
+        for row, p in enumerate(prompts):
+            if not done[row]:
+                h = p + out[row, :out_len[row]].tolist()
+                rounds += 1
+                expected += any(h[j:j + 2] == h[-2:] for j in range(len(h) - 2))
+        state = step(inp, state)
+    assert int(state.ngram_rows) == expected and 0 < expected < rounds
+    r = pj.generate(m, prompts, max_new_tokens=24, eos_token_id=(), method="ngram", tree="ngram=3;ngram_min=2")
+    assert r.stats.ngram_share == pytest.approx(expected / rounds)
+    assert sum(r.stats.row_forward_passes) - len(prompts) == rounds  # the prefill is each row's first pass
+    assert pj.generate(m, prompts, max_new_tokens=4, method="pass", k=2, tree="2").stats.ngram_share is None
+
+
+def test_tune_prices_a_gated_chain_at_the_share_of_rounds_that_draft_it():
+    from infer.tune import choose
+
+    probe = DraftTree.parse("1;ngram=2;ngram_min=2")
+    rates = [1.0, 0.5, 0.3, 0.1]  # root, look-ahead 1, n-gram 1, n-gram 2
+    costs = {1: 0.010, 2: 0.010, 4: 0.012, 8: 0.020, 16: 0.040}
+    best, table = choose(probe, rates, costs, k=4, max_nodes=8, ngram_share=1.0)
+    assert best.describe() == "1;ngram=0"  # a chain on every round costs more than it accepts (1.8 / 16 ms)
+    best, table = choose(probe, rates, costs, k=4, max_nodes=8, ngram_share=0.2)
+    assert best.describe() == "1;ngram=1;ngram_min=2"
+    row = next(r for r in table if r["tree"] == best.describe())
+    assert row["tokens"] == 6 and row["expected_ms_per_pass"] == pytest.approx(0.2 * 16 + 0.8 * 12)
+    assert row["expected_tokens_per_pass"] == pytest.approx(1.8)

@@ -110,6 +110,7 @@ def run(args) -> int:
     import numpy as np
 
     from infer.options import with_demo_defaults
+    from infer.timing import machine
     from pass_jax import cpu_kernel, load_model, untrained_lookahead
     from pass_jax.lookahead import check_k, init_deep
     from pass_jax.training import TrainLayout, lookahead_loss, real_pass
@@ -149,7 +150,7 @@ def run(args) -> int:
                 print(json.dumps(row), file=sys.stderr, flush=True)
     result = {"model": path, "k": k, "deep": args.deep, "batch_size": args.batch_size, "seq_len": args.seq_len,
               "command": "python -m train " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("__main__.py") else None,
-              "machine": {"jax": jax.__version__, "device": str(jax.devices()[0])}, "rows": rows}
+              "machine": machine(), "rows": rows}
     text = json.dumps(result, indent=2)
     if args.out:
         with open(args.out, "w") as f:
