@@ -2,8 +2,9 @@
 
 For each dtype, batch size and sampling setting: autoregressive decoding, n-gram drafting (prompt
 lookup), PaSS chain (paper, fused), PaSS tree (look-ahead candidates only) and PaSS tree + n-grams.
-Each method is warmed up (compiled and run once) before its timed run over all prompts, so none
-pays first-execution costs alone. Speed-ups are over the fastest autoregressive configuration of
+Every method is warmed up (compiled and run once), then the methods' timed runs over all prompts
+alternate (--repeats rounds, each method's fastest kept), so none pays first-execution costs or a
+slow spell of the machine alone. Speed-ups are over the fastest autoregressive configuration of
 this run (any dtype) at the same batch size and sampling setting.
 """
 
@@ -96,12 +97,16 @@ def run_methods_bench(args) -> dict:
         table = methods(args, lookahead)
         for batch in batches:
             for sampling in samplings:
-                for name, extra in table.items():
-                    kw = {"max_new_tokens": args.new_tokens, "seed": 0, "mesh": args.mesh, **_sampling(sampling),
-                          **extra}
+                kws = {name: {"max_new_tokens": args.new_tokens, "seed": 0, "mesh": args.mesh, **_sampling(sampling),
+                              **extra} for name, extra in table.items()}
+                for kw in kws.values():
                     _run(model, ids[:batch], batch, pad_to, kw)  # compile and first execution, untimed
-                    res = min((_run(model, ids, batch, pad_to, kw) for _ in range(args.repeats)),
-                              key=lambda r: r["seconds"])
+                timed = {name: [] for name in kws}
+                for _ in range(args.repeats):  # methods in turn, so a slow spell of the machine hits all alike
+                    for name, kw in kws.items():
+                        timed[name].append(_run(model, ids, batch, pad_to, kw))
+                for name, extra in table.items():
+                    res = min(timed[name], key=lambda r: r["seconds"])
                     outputs[dtype, batch, sampling, name] = res["token_ids"]
                     rows.append({"dtype": dtype, "batch": batch, "sampling": sampling, "method": name,
                                  "tree": extra.get("tree"), "k": extra.get("k", 0),

@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -162,6 +163,7 @@ def run(args) -> int:
         "candidates": [{k2: v for k2, v in r.items() if k2 != "_tree"} for r in table], "expected_best": best.describe() if best is not None else "ar",
         "measured": {n: {k2: v for k2, v in m.items() if k2 != "token_ids"} for n, m in measured.items()},
         "chosen": chosen, "machine": machine(),
+        "command": "python -m infer " + shlex.join(sys.argv[1:]) if sys.argv[0].endswith("__main__.py") else None,
     }
     text = json.dumps(result, indent=2)
     if args.out:
