@@ -6,7 +6,8 @@ made of exactly those products, so pass-jax ships its own: every weight tile is 
 pass of up to 12 rows, bfloat16 weights at their stored width. A layer's decode attention, a dozen
 small XLA ops whose per-op overhead dominated, is one call (kernels/attention_cpu.cc), a deep
 look-ahead's prefix folded in. XLA gathers from and updates bfloat16 arrays by widening all of them,
-so embedding rows (rows_cpu.cc) and bfloat16 KV cache writes (cache_cpu.cc) are calls too. All are
+so embedding rows (rows_cpu.cc) and bfloat16 KV cache writes (cache_cpu.cc) are calls too, and so
+is RoPE (rope_cpu.cc), which XLA fused differently into passes of different sizes. All are
 compiled once per machine
 with the system C++ compiler (-march=native) into ~/.cache/pass-jax/kernels and registered as an
 XLA FFI target. Where it cannot be built (no compiler, no AVX-512, not x86-64) or
@@ -34,12 +35,14 @@ import jax.numpy as jnp
 import numpy as np
 
 KERNELS = Path(__file__).with_name("kernels")
-SOURCES = ("dense_cpu.cc", "attention_cpu.cc", "block_attention_cpu.cc", "rows_cpu.cc", "cache_cpu.cc")  # with common.h
+SOURCES = ("dense_cpu.cc", "attention_cpu.cc", "block_attention_cpu.cc", "rows_cpu.cc", "cache_cpu.cc",
+           "rope_cpu.cc")  # with common.h
 TARGETS = {False: "pass_jax_dense", True: "pass_jax_dense_t"}  # w [K, N]; w [N, K] (tied head)
 ATTENTION = "pass_jax_attention"
 BLOCK_ATTENTION = ("pass_jax_block_attention", "pass_jax_block_attention_grad")
 ROWS = "pass_jax_rows"
 CACHE = ("pass_jax_cache_write", "pass_jax_cache_move")
+ROPE = "pass_jax_rope"
 MAX_PREFIX = 64  # deep look-ahead prefix entries the attention kernel folds in (init_deep allows up to 64)
 MAX_ROWS = 64  # up to here the kernel is at least as fast as XLA's dot; past it (prefill, training) XLA's GEMM
 _EVERY_PASS = contextvars.ContextVar("pass_jax_kernels_every_pass", default=frozenset())
@@ -105,6 +108,7 @@ def available() -> bool:
             jax.ffi.register_ffi_target(TARGETS[True], jax.ffi.pycapsule(lib.PassJaxDenseT), platform="cpu")
             jax.ffi.register_ffi_target(ATTENTION, jax.ffi.pycapsule(lib.PassJaxAttention), platform="cpu")
             jax.ffi.register_ffi_target(ROWS, jax.ffi.pycapsule(lib.PassJaxRows), platform="cpu")
+            jax.ffi.register_ffi_target(ROPE, jax.ffi.pycapsule(lib.PassJaxRope), platform="cpu")
             for name, fn in zip(CACHE, (lib.PassJaxCacheWrite, lib.PassJaxCacheMove)):
                 jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(fn), platform="cpu")
             for name, fn in zip(BLOCK_ATTENTION, (lib.PassJaxBlockAttention, lib.PassJaxBlockAttentionGrad)):
@@ -229,6 +233,34 @@ def cache_move(buf: jax.Array, lengths: jax.Array, path: jax.Array) -> jax.Array
     call = jax.ffi.ffi_call(CACHE[1], jax.ShapeDtypeStruct(buf.shape, buf.dtype), input_output_aliases={0: 0},
                             vmap_method="sequential")
     return call(buf, lengths.astype(jnp.int32), path.astype(jnp.int32))
+
+
+def applies_rope(x: jax.Array) -> bool:
+    """Rotate q / k [B, T, heads, hd] with the kernel: float32, a pass of at most MAX_ROWS tokens (any
+    inside `every_pass`, as attention), unsharded, on the CPU."""
+    return x.ndim == 4 and x.dtype == jnp.float32 and _few_rows(x.shape[0] * x.shape[1], "attention") and _usable()
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array, rotated: int) -> jax.Array:
+    """RoPE of the first `rotated` heads of x [B, T, heads, hd] at positions [B, T], the others copied
+    (kernels/rope_cpu.cc); callers check `applies_rope`."""
+    b, t, h, hd = x.shape
+    call = jax.ffi.ffi_call(ROPE, jax.ShapeDtypeStruct((b * t, h, hd), jnp.float32), vmap_method="sequential")
+    return call(x.reshape(b * t, h, hd), positions.reshape(-1).astype(jnp.int32), inv_freq,
+                rotated=np.int64(rotated)).reshape(x.shape)
+
+
+def _rope_fwd(x, positions, inv_freq, rotated):
+    return rope(x, positions, inv_freq, rotated), (positions, inv_freq)
+
+
+def _rope_bwd(rotated, res, g):  # a rotation's transpose is the rotation back
+    positions, inv_freq = res
+    return rope(g, -positions, inv_freq, rotated), None, None
+
+
+rope.defvjp(_rope_fwd, _rope_bwd)
 
 
 def applies_attention(rows: jax.Array, keys: jax.Array, mask: jax.Array) -> bool:

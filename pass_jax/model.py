@@ -66,6 +66,23 @@ def apply_rope(x: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Arra
     return x * cos + rotated * sin
 
 
+def split_qkv(qkv: jax.Array, positions: jax.Array, cfg: ModelConfig):
+    """q [B, T, H, hd] and k [B, T, KV, hd] with RoPE applied, and v, from a layer's fused output.
+
+    A decode pass on one CPU device rotates in one kernel call (cpu_kernel.rope): XLA fuses RoPE's
+    ops into q's and k's consumers differently for 1-token and many-token passes, so a token's q and
+    k came out a bit apart between the two, enough to flip a bfloat16 rounding, then a near-tied
+    greedy token."""
+    b, t, _ = qkv.shape
+    nq, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    heads = qkv.reshape(b, t, nq + 2 * nkv, hd)
+    if cpu_kernel.applies_rope(heads):
+        heads = cpu_kernel.rope(heads, positions, jnp.asarray(rope_inv_freq(cfg)), nq + nkv)
+        return heads[:, :, :nq], heads[:, :, nq:nq + nkv], heads[:, :, nq + nkv:]
+    return (apply_rope(heads[:, :, :nq], positions, cfg), apply_rope(heads[:, :, nq:nq + nkv], positions, cfg),
+            heads[:, :, nq + nkv:])
+
+
 def embed_tokens(params: Params, tokens: jax.Array) -> jax.Array:
     """The rows of `tokens`, in float32 (a bfloat16 table's through cpu_kernel.rows on the CPU)."""
     if cpu_kernel.applies_rows(params["embed"]):
@@ -274,17 +291,13 @@ def forward(params: Params, cfg: ModelConfig, embeds: jax.Array, positions: jax.
     if cfg.sliding_window is not None:
         kpos = key_positions(cache.lengths, positions, cache.max_len)
         mask &= (positions[:, :, None] - kpos[:, None, :]) < cfg.sliding_window
-    b, t, _ = embeds.shape
-    hd, nq, nkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
     x = embeds.astype(jnp.float32)
     keys, values = list(cache.keys), list(cache.values)
     for i, layer in enumerate(params["layers"]):
         qkv = dense(rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps), layer["qkv"])
         if "qkv_bias" in layer:
             qkv = qkv + layer["qkv_bias"].astype(jnp.float32)
-        q = apply_rope(qkv[..., : nq * hd].reshape(b, t, nq, hd), positions, cfg)
-        k = apply_rope(qkv[..., nq * hd: (nq + nkv) * hd].reshape(b, t, nkv, hd), positions, cfg)
-        v = qkv[..., (nq + nkv) * hd:].reshape(b, t, nkv, hd)
+        q, k, v = split_qkv(qkv, positions, cfg)
         local = None
         if local_blocks is None:
             keys[i] = write_block(keys[i], k, cache.lengths)

@@ -1,5 +1,6 @@
 """The CPU kernels that read embedding rows and write bfloat16 KV caches in place
-(kernels/rows_cpu.cc, kernels/cache_cpu.cc), bit for bit against the XLA ops they replace."""
+(kernels/rows_cpu.cc, kernels/cache_cpu.cc), bit for bit against the XLA ops they replace, and the
+RoPE kernel (kernels/rope_cpu.cc), to float32 rounding of them and bit for bit across pass sizes."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +9,8 @@ import pytest
 
 from pass_jax import cpu_kernel
 from pass_jax.cache import KVCache, write_block
-from pass_jax.model import embed_tokens
+from pass_jax.config import ModelConfig
+from pass_jax.model import embed_tokens, split_qkv
 
 needs_kernel = pytest.mark.skipif(not cpu_kernel.available(), reason="kernel not built here (see the warning)")
 
@@ -93,3 +95,26 @@ def test_decode_loop_writes_in_place():
     assert "pass_jax_cache_write" in text and "f32[1,64,3,4]" not in text  # never widened
     got = np.asarray(jax.jit(loop)(buf), np.float32)
     np.testing.assert_array_equal(got[0, :16:2, 0, 0], np.arange(8))
+
+
+@needs_kernel
+@pytest.mark.parametrize("hd", [64, 128])
+def test_rope_kernel_is_xla_ropes_rotation_alike_for_every_pass_size(hd):
+    cfg = ModelConfig(vocab_size=8, hidden_size=4 * hd, intermediate_size=8, num_layers=1, num_heads=4,
+                      num_kv_heads=2, head_dim=hd, rope_theta=1e5)
+    qkv = jax.random.normal(jax.random.key(0), (2, 5, 8 * hd))  # q | k | v: 4 + 2 + 2 heads
+    positions = jnp.asarray([[0, 1, 2, 3, 4], [40, 41, 42, 900, 8191]])
+    split = jax.jit(lambda x, p: jnp.concatenate(split_qkv(x, p, cfg), 2))
+    got = split(qkv, positions)
+    assert "pass_jax_rope" in split.lower(qkv, positions).as_text()
+    with cpu_kernel.off():
+        want = jax.jit(lambda x, p: jnp.concatenate(split_qkv(x, p, cfg), 2))(qkv, positions)
+        _, xla_vjp = jax.vjp(lambda x: jnp.concatenate(split_qkv(x, positions, cfg), 2), qkv)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)  # cos/sin: libm's, XLA's
+    np.testing.assert_array_equal(np.asarray(got)[:, :, 6:], np.asarray(qkv).reshape(2, 5, 8, hd)[:, :, 6:])  # v
+    for t in range(5):  # a token rotates bit for bit alike alone and within a pass of any size
+        np.testing.assert_array_equal(np.asarray(split(qkv[:, t:t + 1], positions[:, t:t + 1]))[:, 0],
+                                      np.asarray(got)[:, t])
+    g = jax.random.normal(jax.random.key(1), got.shape)
+    _, vjp = jax.vjp(lambda x: jnp.concatenate(split_qkv(x, positions, cfg), 2), qkv)
+    np.testing.assert_allclose(np.asarray(vjp(g)[0]), np.asarray(xla_vjp(g)[0]), rtol=1e-5, atol=1e-5)
