@@ -54,6 +54,27 @@ def test_a_token_attends_alike_in_any_pass(dtype):
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_a_tree_node_attends_as_its_path_side_by_side_does(dtype):
+    """A node sees its ancestors across the slots its siblings hold; the same entries side by side
+    (the accepted path, as a 1-token step sees it) must give the same output and softmax sums, bit
+    for bit (summed by slot lane, a bfloat16 case below differed in the last bit of the sum)."""
+    rng = np.random.default_rng(0)
+    for length in (5, 16, 37, 60):
+        keys, values = (rng.standard_normal((1, 80, 3, 64)).astype(np.float32) for _ in range(2))
+        rows = jnp.asarray(rng.standard_normal((1, 3, 3, 64)), jnp.float32)
+        holed_k, holed_v = keys.copy(), values.copy()
+        holed_k[:, length + 3], holed_v[:, length + 3] = keys[:, length], values[:, length]  # 3 siblings between
+        side_by_side = np.arange(80)[None, None] <= length
+        holed = (np.arange(80)[None, None] < length) | (np.arange(80)[None, None] == length + 3)
+        attend = jax.jit(cpu_kernel.attention)
+        want = attend(rows, jnp.asarray(keys, dtype), jnp.asarray(values, dtype), jnp.asarray(side_by_side))
+        got = attend(rows, jnp.asarray(holed_k, dtype), jnp.asarray(holed_v, dtype), jnp.asarray(holed))
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+@needs_kernel
 def test_gradients_are_xlas():
     rng = np.random.default_rng(2)
     rows, keys, values, mask = _case(rng, 1, 2, 4, 2, 40, 32, jnp.float32, [20])

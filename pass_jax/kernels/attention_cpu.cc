@@ -105,6 +105,7 @@ void attend(const Shape& d, const Buffers<C>& io, int64_t b, int64_t h, int64_t 
   const C* kh = keys + (b * d.S * d.KV + h) * hd;
   const C* vh = values + (b * d.S * d.KV + h) * hd;
   const __m512 minus_inf = _mm512_set1_ps(-INFINITY);
+  const __m512i kLane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (int64_t r = r0; r < r1; ++r) {
     const float* q = rows + ((b * d.KV + h) * d.R + r) * hd;
     const bool* seen = mask + (b * d.T + r / d.groups) * d.S;
@@ -139,13 +140,19 @@ void attend(const Shape& d, const Buffers<C>& io, int64_t b, int64_t h, int64_t 
     if (none)
       for (int64_t j = 0; j < S16; ++j) p[j] = j < d.S ? 0.f : -INFINITY;
     const __m512 topv = _mm512_set1_ps(none ? 0.f : top);
+    // The sum of the seen entries' weights, as if they sat side by side: the i-th seen entry adds into
+    // lane i mod 16. A tree node sees its ancestors across slots its siblings hold, a 1-token step
+    // the same entries side by side; summed by slot lane, the two rounded differently.
     __m512 lanes = _mm512_setzero_ps();
+    unsigned fill = 0;
     for (int64_t j = 0; j < S16; j += 16) {
       const __m512 s = _mm512_loadu_ps(p + j);
       const __mmask16 live = _mm512_cmp_ps_mask(s, minus_inf, _CMP_NEQ_OQ);
       const __m512 e = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(s, topv)));
       _mm512_storeu_ps(p + j, e);
-      lanes = _mm512_add_ps(lanes, e);
+      const __m512i to = _mm512_and_si512(_mm512_sub_epi32(kLane, _mm512_set1_epi32(int(fill))), _mm512_set1_epi32(15));
+      lanes = _mm512_add_ps(lanes, _mm512_permutexvar_ps(to, _mm512_maskz_compress_ps(live, e)));
+      fill = (fill + unsigned(__builtin_popcount(live))) & 15u;
     }
     float sum = _mm512_reduce_add_ps(lanes);
     if (with_prefix) {
