@@ -19,14 +19,9 @@ def machine(**extra) -> dict:
     16-token pass cost 2.8x a 1-token pass on one 2-core machine here, 1.5x on another)."""
     import jax
 
-    info = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, val = line.partition(":")
-            if key.strip() in ("model name", "cpu family", "model", "stepping") and key.strip() not in info:
-                info[key.strip()] = val.strip()
-    except OSError:
-        info["model name"] = platform.processor()
+    from pass_jax.cpu_kernel import cpu_info
+
+    info = cpu_info() or {"model name": platform.processor()}
     l3 = Path("/sys/devices/system/cpu/cpu0/cache/index3/size")
     cpu = " ".join(filter(None, [info.get("model name"), info.get("cpu family") and
                                  f"(family {info['cpu family']} model {info.get('model')} stepping {info.get('stepping')})",

@@ -51,15 +51,24 @@ FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-std=c++20", "-sh
 
 
 @functools.cache
-def _cpu_model() -> tuple[str, frozenset[str]]:
-    """The CPU's model name and instruction flags, read once (the build key and the AVX-512 check)."""
+def cpu_info() -> dict[str, str]:
+    """The first CPU's /proc/cpuinfo fields (empty where there is none), read once."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return platform.processor(), frozenset()
-    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "")
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return model, frozenset(flags)
+        return {}
+    info = {}
+    for line in text.splitlines():
+        key, sep, val = line.partition(":")
+        if sep:
+            info.setdefault(key.strip(), val.strip())
+    return info
+
+
+def _cpu_model() -> tuple[str, frozenset[str]]:
+    """The CPU's model name and instruction flags (the build key and the AVX-512 check)."""
+    info = cpu_info()
+    return info.get("model name", "" if info else platform.processor()), frozenset(info.get("flags", "").split())
 
 
 def cache_dir() -> Path:
