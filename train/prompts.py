@@ -33,6 +33,16 @@ CODE_TASKS = [
     "parses a CSV line into fields", "generates the first n prime numbers", "rotates a list by k positions",
     "computes the Levenshtein distance of two strings", "groups words by their first letter",
     "reads a JSON file and returns its keys", "implements bubble sort",
+    "computes the running sum of a list", "checks whether two strings are rotations of each other",
+    "converts a binary string to an integer", "finds the longest word in a sentence",
+    "returns the intersection of two lists", "computes the power set of a set", "implements a queue with two stacks",
+    "counts the frequency of each character in a string", "checks whether a year is a leap year",
+    "finds the missing number in a list from 1 to n", "computes the area of a circle given its radius",
+    "zips two lists into a dictionary", "removes all whitespace from a string", "implements insertion sort",
+    "returns the n-th row of Pascal's triangle", "checks whether a list is sorted",
+    "computes the sum of the digits of a number", "finds the maximum subarray sum",
+    "converts a string to title case without using title()", "computes the cumulative product of a list",
+    "returns every permutation of a string", "checks whether a number is a perfect square",
 ]
 CODE_TEMPLATES = ["Write a Python function that {}.", "Implement a function in Python that {}.",
                   "Can you write Python code that {}? Explain it briefly.", "Show me a short Python function that {}."]
@@ -42,6 +52,10 @@ TOPICS = [
     "the Roman Empire", "electric cars", "sleep", "compound interest", "the immune system", "earthquakes",
     "the printing press", "neural networks", "the moon landing", "recycling", "coffee", "honeybees",
     "the Renaissance", "solar power", "democracy", "the human heart", "plate tectonics",
+    "rainbows", "the Great Wall of China", "antibiotics", "wind energy", "the Olympic Games", "bitcoin",
+    "the ocean tides", "dinosaurs", "the steam engine", "the periodic table", "coral reefs", "the telephone",
+    "the seasons", "quantum computing", "the Amazon rainforest", "supply and demand", "the brain", "glaciers",
+    "the Silk Road", "electricity", "migration of birds", "the speed of light",
 ]
 TOPIC_TEMPLATES = ["Explain {} in simple terms.", "Write a short paragraph about {}.", "What are three facts about {}?",
                    "Why is {} important?", "Give a beginner's introduction to {}.", "Write a short poem about {}."]
