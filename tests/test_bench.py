@@ -87,6 +87,20 @@ def test_humaneval_pass_and_ar_completions_are_identical(tmp_path, capsys):
     assert "unknown beam" in capsys.readouterr().err
 
 
+def test_humaneval_loads_the_dtype_and_decodes_with_the_tree_asked_for(tmp_path, capsys, monkeypatch):
+    import pass_jax
+
+    seen = {"dtypes": [], "trees": []}
+    load, generate = pass_jax.load_model, pass_jax.generate
+    monkeypatch.setattr(pass_jax, "load_model", lambda *a, **kw: seen["dtypes"].append(kw.get("dtype")) or load(*a, **kw))
+    monkeypatch.setattr(pass_jax, "generate", lambda *a, **kw: seen["trees"].append(kw.get("tree")) or generate(*a, **kw))
+    code = main(["humaneval", "--limit", "1", "--max-new-tokens", "8", "--compare", "--dtype", "bfloat16",
+                 "--tree", "2", "--out", str(tmp_path)])
+    res = json.loads(capsys.readouterr().out)
+    assert code == 0 and (res["dtype"], res["tree"]) == ("bfloat16", "2") and res["pass"]["new_tokens"] == 8
+    assert seen["dtypes"] == ["bfloat16"] and set(seen["trees"]) == {"2", None}  # None: the ar runs
+
+
 def test_humaneval_chat_mode_uses_the_chat_template(tmp_path, capsys):
     import shutil
 
