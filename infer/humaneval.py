@@ -153,6 +153,8 @@ def run(args) -> int:
     if unknown:
         raise ValueError(f"--method: unknown {', '.join(unknown)} (use ar, pass, ngram)")
     runs = {m: {"method": m} for m in methods} | ({"ar": {"method": "ar"}} if args.compare else {})
+    if args.tree is not None and "pass" not in runs:
+        raise ValueError(f"--tree {args.tree!r} applies to --method pass, which is not among {args.method!r}")
     if "pass" in runs:
         la, args.k = resolve_lookahead(args.lookahead, model, args.k)
         runs["pass"].update(k=args.k, lookahead=la, tree=args.tree)
@@ -161,7 +163,8 @@ def run(args) -> int:
     result = {"model": args.model, "method": args.method, "k": args.k if "pass" in runs else 0,
               "lookahead": args.lookahead if "pass" in runs else None, "problems": len(tasks),
               "samples": args.samples, "temperature": args.temperature, "batch_size": args.batch_size,
-              "dtype": args.dtype, "tree": args.tree if "pass" in runs else None, "max_new_tokens": args.max_new_tokens, "chat": args.chat, "machine": machine(),
+              "dtype": args.dtype, "tree": args.tree, "max_new_tokens": args.max_new_tokens, "chat": args.chat,
+              "machine": machine(),
               "command": "python -m infer " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("__main__.py") else None}
     texts = {}
     for name, options in tqdm(runs.items(), desc="humaneval", unit="method", file=sys.stderr):

@@ -99,6 +99,8 @@ def test_humaneval_loads_the_dtype_and_decodes_with_the_tree_asked_for(tmp_path,
     res = json.loads(capsys.readouterr().out)
     assert code == 0 and (res["dtype"], res["tree"]) == ("bfloat16", "2") and res["pass"]["new_tokens"] == 8
     assert seen["dtypes"] == ["bfloat16"] and set(seen["trees"]) == {"2", None}  # None: the ar runs
+    assert main(["humaneval", "--method", "ngram", "--tree", "2", "--out", str(tmp_path / "x")]) == 2
+    assert "--tree '2' applies to --method pass" in capsys.readouterr().err
 
 
 def test_humaneval_chat_mode_uses_the_chat_template(tmp_path, capsys):
