@@ -82,8 +82,8 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="base weight dtype")
     p.add_argument("--no-reuse", action="store_true",
                    help="--data self: rerun each batch's real tokens every step instead of running every row's "
-                        "once and keeping its keys/values in memory (the default where they fit in half the free "
-                        "memory of a single-process run; about a third of a step)")
+                        "once and keeping its keys/values in memory (the default where they fit in three quarters "
+                        "of the memory free after loading the model, in a single-process run; about a third of a step)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--mesh", default=None, help="DATA,MODEL device mesh, e.g. 2,4: batch split over DATA, "
                    "base weights over MODEL (default: one device)")
@@ -275,7 +275,7 @@ def run(args) -> int:
         from .reuse import RealPasses, available_bytes, bytes_per_row
 
         need, free = len(batches.tokens) * bytes_per_row(model.config, args.seq_len, args.dtype), available_bytes()
-        if need <= free // 2:
+        if need <= free * 3 // 4:  # the model is loaded already; the last quarter holds a step's activations
             if primary:
                 print(f"running each of {len(batches.tokens)} rows' real tokens once, kept in memory "
                       f"({need / 2**30:.2f} GB)", file=sys.stderr)

@@ -43,9 +43,20 @@ CODE_TASKS = [
     "computes the sum of the digits of a number", "finds the maximum subarray sum",
     "converts a string to title case without using title()", "computes the cumulative product of a list",
     "returns every permutation of a string", "checks whether a number is a perfect square",
+    "computes the least common multiple of two numbers", "finds the first non-repeating character in a string",
+    "converts an integer to its binary representation", "checks whether two strings are anagrams",
+    "returns the Fibonacci numbers below n", "counts how often each word appears in a text",
+    "merges two dictionaries, adding the values of shared keys", "implements quicksort",
+    "finds the longest common prefix of a list of strings", "converts a snake_case string to camelCase",
+    "returns the median of two sorted lists", "checks whether a number is an Armstrong number",
+    "computes the GCD of a list of numbers", "finds pairs in a list that sum to a target",
+    "implements a stack with push, pop and peek", "removes the vowels from a string",
+    "computes the average word length of a sentence", "returns the k largest elements of a list",
 ]
 CODE_TEMPLATES = ["Write a Python function that {}.", "Implement a function in Python that {}.",
-                  "Can you write Python code that {}? Explain it briefly.", "Show me a short Python function that {}."]
+                  "Can you write Python code that {}? Explain it briefly.", "Show me a short Python function that {}.",
+                  "Write a Python function with a docstring that {}.",
+                  "Using only the standard library, write Python code that {}."]
 TOPICS = [
     "photosynthesis", "the water cycle", "black holes", "inflation", "machine learning", "the French Revolution",
     "vaccines", "climate change", "the stock market", "the internet", "gravity", "DNA", "volcanoes",
@@ -56,9 +67,14 @@ TOPICS = [
     "the ocean tides", "dinosaurs", "the steam engine", "the periodic table", "coral reefs", "the telephone",
     "the seasons", "quantum computing", "the Amazon rainforest", "supply and demand", "the brain", "glaciers",
     "the Silk Road", "electricity", "migration of birds", "the speed of light",
+    "the Industrial Revolution", "tornadoes", "the human eye", "chess", "the Pyramids of Giza", "batteries",
+    "nuclear energy", "the Milky Way", "the Cold War", "rain forests", "vitamins", "the blockchain",
+    "the theory of evolution", "airplanes", "the ozone layer", "opera", "the Moon's phases", "ants",
+    "the Byzantine Empire", "magnets", "deserts", "jazz", "cloud computing", "the carbon cycle",
 ]
 TOPIC_TEMPLATES = ["Explain {} in simple terms.", "Write a short paragraph about {}.", "What are three facts about {}?",
-                   "Why is {} important?", "Give a beginner's introduction to {}.", "Write a short poem about {}."]
+                   "Why is {} important?", "Give a beginner's introduction to {}.", "Write a short poem about {}.",
+                   "Describe {} to a ten-year-old.", "What are common misconceptions about {}?"]
 SOURCES = ("stdlib", "chat")
 
 
