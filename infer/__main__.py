@@ -23,7 +23,7 @@ def _ids(text: str) -> list[int]:
 
 
 def _generate_parser(sub) -> None:
-    from .options import LOOKAHEAD_HELP
+    from .options import LOOKAHEAD_HELP, add_dtype
     p = sub.add_parser("generate", help="generate text with autoregressive decoding or PaSS",
                        description="Generate continuations of one or more prompts. With --json, stdout is one JSON "
                                    "object (method, k, texts, token_ids, stats); logs go to stderr.")
@@ -59,8 +59,7 @@ def _generate_parser(sub) -> None:
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="parameter dtype. float32 keeps greedy PaSS token-identical to autoregressive decoding; "
+    add_dtype(p, help="parameter dtype. float32 keeps greedy PaSS token-identical to autoregressive decoding; "
                         "bfloat16 halves the weights read per token (on an AVX-512 CPU ~1.25x faster with "
                         "pass-jax's kernel) and may leave it where two logits nearly tie")
     p.add_argument("--max-len", type=int, help="KV cache size (default: what the request needs)")

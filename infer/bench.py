@@ -36,6 +36,8 @@ PRESETS = files("infer") / "data" / "models.yaml"  # package data: found from an
 
 
 def add_parser(sub) -> None:
+    from .options import add_dtype
+
     p = sub.add_parser("bench", help="benchmark decoding on random LLaMA configs", description=__doc__,
                        formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
     p.add_argument("--suite", choices=["decode", "passes", "overhead", "methods", "speed", "matrices"], default="decode",
@@ -44,7 +46,7 @@ def add_parser(sub) -> None:
     p.add_argument("--method", choices=["ar"], default="ar", help="decode suite: the method measured (ar)")
     p.add_argument("--models", default=None, help="comma-separated presets from infer/data/models.yaml, e.g. "
                    "35m,120m or tiny (default per suite: decode 7m,35m,120m; passes 35m,120m; overhead 12m,35m,120m; speed 120m)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="parameter dtype")
+    add_dtype(p)
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per timed run (default 64)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement; the median is kept (model and methods suites: the fastest)")
     p.add_argument("--no-torch", action="store_true", help="decode and speed suites: skip the PyTorch reference")

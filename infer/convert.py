@@ -12,12 +12,13 @@ import argparse
 
 
 def add_parser(sub) -> None:
+    from .options import add_dtype
+
     p = sub.add_parser("convert", help="convert a llama GGUF file into a Hugging Face directory",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("gguf", help="input .gguf file (architecture llama)")
     p.add_argument("out", help="output directory (created)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="dtype of the written weights (default float32)")
+    add_dtype(p, help="dtype of the written weights (default float32)")
     p.set_defaults(func=run_convert)
     f = sub.add_parser("fetch-smollm2", help="download SmolLM2-135M-Instruct (GGUF) and print its path",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -28,7 +28,7 @@ FENCE = re.compile(r"```[ \t]*(?:python|py)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)
 def add_parser(sub) -> None:
     import argparse
 
-    from .options import LOOKAHEAD_HELP
+    from .options import LOOKAHEAD_HELP, add_dtype
 
     p = sub.add_parser("humaneval", help="HumanEval pass@k with AR or PaSS decoding", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -43,8 +43,7 @@ def add_parser(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--limit", type=int, default=None, help="only the first N problems")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="parameter dtype (bfloat16: the faster one on an AVX-512 CPU; greedy PaSS may leave "
+    add_dtype(p, help="parameter dtype (bfloat16: the faster one on an AVX-512 CPU; greedy PaSS may leave "
                         "autoregressive decoding where two float32 logits nearly tie)")
     p.add_argument("--tree", default=None, help="--method pass: the candidate tree (default: generate's, "
                    "'1;ngram=4;ngram_min=2;blocks=1'); see `python -m infer generate --help`")

@@ -12,9 +12,15 @@ from pass_jax.lookahead import check_k
 from pass_jax.smollm2 import smollm2_dir
 
 DEFAULT_K = 4
+DTYPE_CHOICES = ("float32", "bfloat16")  # what the CPU kernels serve; float16 loads (load_model) but is not offered
 LOOKAHEAD_HELP = ("look-ahead: a checkpoint directory, a shipped name (smollm2-135m-instruct), 'untrained' (copies "
                   "of an UNK-like embedding) or 'auto' (default: the shipped one trained on this model's weights, "
                   "else untrained; with the demo model, its own)")
+
+
+def add_dtype(parser, help: str = "parameter dtype (default float32)") -> None:
+    """--dtype for every command that loads a model: one list of choices, one default."""
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32", help=help)
 
 
 def with_demo_defaults(model: str | None, lookahead: str | None) -> tuple[str, str]:

@@ -34,7 +34,7 @@ def add_parser(sub) -> None:
     import argparse
 
     from .bench_model import DEFAULT_PROMPTS
-    from .options import LOOKAHEAD_HELP
+    from .options import LOOKAHEAD_HELP, add_dtype
 
     p = sub.add_parser("tune", help="choose the draft tree by measuring acceptance and pass cost here",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -44,7 +44,7 @@ def add_parser(sub) -> None:
     p.add_argument("--prompts", default=str(DEFAULT_PROMPTS), help="held-back prompts: JSONL with a 'prompt' "
                    "field or a text file of prompts separated by blank lines")
     p.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    add_dtype(p)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--probe", default="6,3,2,1;ngram=8;ngram_min=2",
                    help="the large tree whose nodes are measured (its ngram_min gates every candidate's chain)")

@@ -287,3 +287,21 @@ def test_tune_decodes_its_finalists_side_by_side_and_answers_the_fastest(tmp_pat
     assert res["chosen"] == max(measured, key=lambda n: measured[n]["tokens_per_second"])
     assert all(m["identical_to_ar"] for m in measured.values())  # greedy: every tree is lossless
     assert res["machine"]["cpu_count"] >= 1
+
+
+@pytest.mark.parametrize("cli, command", [("infer", "generate"), ("infer", "bench"), ("infer", "convert"),
+                                          ("infer", "humaneval"), ("infer", "tune"), ("train", "lookahead"),
+                                          ("train", "eval-lookahead")])
+def test_every_model_loading_command_offers_the_same_dtypes(cli, command, capsys):
+    import importlib
+
+    from infer.options import DTYPE_CHOICES
+
+    cli_main = importlib.import_module(f"{cli}.__main__").main
+    with pytest.raises(SystemExit) as exc:
+        cli_main([command, "--help"])
+    assert exc.value.code == 0 and "--dtype {" + ",".join(DTYPE_CHOICES) + "}" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:  # float16 loads in the library, but no CLI offers it: a usage error
+        cli_main([command, "--dtype", "float16", *(["in.gguf", "out"] if command == "convert" else [])])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "invalid choice: 'float16'" in err and "Traceback" not in err

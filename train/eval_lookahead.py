@@ -22,7 +22,7 @@ import sys
 
 def add_parser(sub) -> None:
     from infer.bench_model import DEFAULT_PROMPTS
-    from infer.options import LOOKAHEAD_HELP
+    from infer.options import LOOKAHEAD_HELP, add_dtype
 
     p = sub.add_parser("eval-lookahead", help="measure look-ahead agreement with the model's greedy continuation",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -38,7 +38,7 @@ def add_parser(sub) -> None:
                    "a pass of --beam branches per point)")
     p.add_argument("--beam", type=int, default=8, help="intermediate paths enumerated for the ceiling")
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="base weight dtype")
+    add_dtype(p, help="base weight dtype (default float32)")
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)

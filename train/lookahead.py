@@ -21,6 +21,8 @@ import numpy as np
 
 
 def add_parser(sub) -> None:
+    from infer.options import add_dtype
+
     p = sub.add_parser("lookahead", help="train look-ahead embeddings (base model frozen)", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML file of defaults (keys: the long option names with _); flags override it")
@@ -79,7 +81,7 @@ def add_parser(sub) -> None:
     p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (and at the end)")
     p.add_argument("--eval-every", type=int, default=50, help="measure PaSS tokens per forward every M steps")
     p.add_argument("--eval-prompts", type=int, default=4)
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="base weight dtype")
+    add_dtype(p, help="base weight dtype (default float32)")
     p.add_argument("--no-reuse", action="store_true",
                    help="--data self: rerun each batch's real tokens every step instead of running every row's "
                         "once and keeping its keys/values in memory (the default where they fit in three quarters "
