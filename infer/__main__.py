@@ -60,8 +60,8 @@ def _generate_parser(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
     p.add_argument("--seed", type=int, default=0)
     add_dtype(p, help="parameter dtype. float32 keeps greedy PaSS token-identical to autoregressive decoding; "
-                        "bfloat16 halves the weights read per token (on an AVX-512 CPU ~1.25x faster with "
-                        "pass-jax's kernel) and may leave it where two logits nearly tie")
+                 "bfloat16 halves the weights read per token (on an AVX-512 CPU ~1.25x faster with "
+                 "pass-jax's kernel) and may leave it where two logits nearly tie")
     p.add_argument("--max-len", type=int, help="KV cache size (default: what the request needs)")
     p.add_argument("--allow-long", action="store_true", help="run a request past the model's "
                    "max_position_embeddings with a warning instead of an error")

@@ -44,7 +44,7 @@ def add_parser(sub) -> None:
     p.add_argument("--limit", type=int, default=None, help="only the first N problems")
     p.add_argument("--batch-size", type=int, default=8)
     add_dtype(p, help="parameter dtype (bfloat16: the faster one on an AVX-512 CPU; greedy PaSS may leave "
-                        "autoregressive decoding where two float32 logits nearly tie)")
+                 "autoregressive decoding where two float32 logits nearly tie)")
     p.add_argument("--tree", default=None, help="--method pass: the candidate tree (default: generate's, "
                    "'1;ngram=4;ngram_min=2;blocks=1'); see `python -m infer generate --help`")
     p.add_argument("--seed", type=int, default=0)
