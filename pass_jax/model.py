@@ -270,6 +270,33 @@ def _fold_prefix(rows, top, mass, out, prefix, seen):
     return jnp.where(seen[:, None, :, None], folded, out)
 
 
+@jax.custom_vjp
+def swiglu(gate_up: jax.Array) -> jax.Array:
+    """silu(gate) * up of the fused [..., 2F] gate/up output.
+
+    The gradient is written out (training differentiates through every layer): it keeps the
+    sigmoid from the forward pass and returns the fused [..., 2F] gradient in one pass, where
+    autodiff recomputed the sigmoid's exp and divide and concatenated the two halves' gradients.
+    """
+    gate, up = jnp.split(gate_up, 2, axis=-1)
+    return jax.nn.silu(gate) * up
+
+
+def _swiglu_fwd(gate_up):
+    gate, up = jnp.split(gate_up, 2, axis=-1)
+    sig = jax.nn.sigmoid(gate)
+    return gate * sig * up, (gate_up, sig)
+
+
+def _swiglu_bwd(res, grad):
+    gate_up, sig = res
+    gate, up = jnp.split(gate_up, 2, axis=-1)
+    return (jnp.concatenate([grad * up * sig * (1 + gate * (1 - sig)), grad * gate * sig], -1),)
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
 def forward(params: Params, cfg: ModelConfig, embeds: jax.Array, positions: jax.Array,
             block_mask: jax.Array, cache: KVCache, visible: jax.Array | None = None, prefix: jax.Array | None = None,
             prefix_rows: jax.Array | None = None, local_blocks: int | None = None) -> tuple[jax.Array, KVCache]:
@@ -307,8 +334,7 @@ def forward(params: Params, cfg: ModelConfig, embeds: jax.Array, positions: jax.
         attn = dense(_attention(q, keys[i], values[i], mask, cfg, None if prefix is None else prefix[i], prefix_rows,
                                 local), layer["o"])
         x = x + (attn + layer["o_bias"].astype(jnp.float32) if "o_bias" in layer else attn)
-        gate, up = jnp.split(dense(rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps), layer["gate_up"]), 2, axis=-1)
-        x = x + dense(jax.nn.silu(gate) * up, layer["down"])
+        x = x + dense(swiglu(dense(rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps), layer["gate_up"])), layer["down"])
     hidden = rms_norm(x, params["norm"], cfg.rms_norm_eps)
     return hidden, cache.replace(keys=tuple(keys), values=tuple(values))
 

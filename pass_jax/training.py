@@ -134,13 +134,14 @@ def lookahead_loss(lookahead, params, cfg: ModelConfig, tokens, layout: TrainLay
     la_hidden, _ = forward(params, cfg, blocks, t + i, None, cache, visible=jnp.arange(length)[None, None] <= t[..., None],
                            prefix=prefix, prefix_rows=None if prefix is None else jnp.ones((b, n), bool),
                            local_blocks=k)
-    student = jax.nn.log_softmax(logits_from_hidden(params, la_hidden), -1)  # [B, n, V]
+    logits = logits_from_hidden(params, la_hidden)  # [B, n, V]
     targets = jnp.take_along_axis(tokens, target_idx, 1)
     if loss in ("ce", "topc"):
-        per_target = -jnp.take_along_axis(student, targets[..., None], -1)[..., 0]
-        if loss == "topc":
-            per_target = per_target + _top_c_hinge(student, targets, top_c or (1,) * k)
+        per_target = -target_log_prob(logits, targets)
+        if loss == "topc":  # the hinge compares logits of one row: the same on log-probabilities
+            per_target = per_target + _top_c_hinge(logits, targets, top_c or (1,) * k)
     else:
+        student = jax.nn.log_softmax(logits, -1)
         before = jnp.take_along_axis(hidden, (target_idx - 1)[..., None], 1)  # the base model's state before each target
         teacher = jax.nn.log_softmax(jax.lax.stop_gradient(logits_from_hidden(params, before)), -1)
         per_target = jnp.sum(jnp.exp(teacher) * (teacher - student), -1)
@@ -148,6 +149,36 @@ def lookahead_loss(lookahead, params, cfg: ModelConfig, tokens, layout: TrainLay
     if target_mask is not None:
         weight = weight * jnp.take_along_axis(target_mask, target_idx, 1)
     return jnp.sum(per_target * weight) / jnp.maximum(jnp.sum(weight), 1e-9)
+
+
+@jax.custom_vjp
+def target_log_prob(logits, targets):
+    """log softmax(logits)[target] per row: logits [..., V] float32, targets [...] int.
+
+    The value of taking the target from `jax.nn.log_softmax`, with the gradient written out: the
+    forward pass keeps exp(logits - max), so the gradient (onehot - softmax) * g is one pass over
+    the [rows, V] logits with no exp, where autodiff materialized the log-probabilities and walked
+    the vocabulary several times more (on SmolLM2, vocabulary 49152, a head's fused loss and
+    gradient of 704 rows took 510 ms against 613 ms, of which 440 ms are its two products).
+    """
+    return _target_log_prob_fwd(logits, targets)[0]
+
+
+def _target_log_prob_fwd(logits, targets):
+    top = jax.lax.stop_gradient(jnp.max(logits, -1, keepdims=True))
+    scaled = jnp.exp(logits - top)
+    mass = jnp.sum(scaled, -1)
+    own = jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
+    return own - top[..., 0] - jnp.log(mass), (scaled, mass, targets)
+
+
+def _target_log_prob_bwd(res, g):
+    scaled, mass, targets = res
+    onehot = jnp.arange(scaled.shape[-1]) == targets[..., None]
+    return g[..., None] * onehot - (g / mass)[..., None] * scaled, np.zeros(targets.shape, jax.dtypes.float0)
+
+
+target_log_prob.defvjp(_target_log_prob_fwd, _target_log_prob_bwd)
 
 
 def _top_c_hinge(scores, targets, top_c):

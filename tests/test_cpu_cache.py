@@ -118,3 +118,7 @@ def test_rope_kernel_is_xla_ropes_rotation_alike_for_every_pass_size(hd):
     g = jax.random.normal(jax.random.key(1), got.shape)
     _, vjp = jax.vjp(lambda x: jnp.concatenate(split_qkv(x, positions, cfg), 2), qkv)
     np.testing.assert_allclose(np.asarray(vjp(g)[0]), np.asarray(xla_vjp(g)[0]), rtol=1e-5, atol=1e-5)
+    long = jnp.tile(qkv, (1, 20, 1))  # past the products' row limit (training's look-ahead passes): still the kernel
+    long_positions = jnp.tile(positions, (1, 20))
+    assert "pass_jax_rope" in split.lower(long, long_positions).as_text()
+    np.testing.assert_array_equal(np.asarray(split(long, long_positions))[:, 95:], np.asarray(got))

@@ -131,6 +131,37 @@ def test_only_the_leaf_trains_and_the_loss_falls(loss):
     assert jax.tree.structure(grad) == jax.tree.structure(la)
 
 
+def _autodiff_target_log_prob(logits, targets):
+    return jnp.take_along_axis(jax.nn.log_softmax(logits, -1), targets[..., None], -1)[..., 0]
+
+
+def _autodiff_swiglu(gate_up):
+    gate, up = jnp.split(gate_up, 2, axis=-1)
+    return jax.nn.silu(gate) * up
+
+
+@pytest.mark.parametrize("name", ["target_log_prob", "swiglu"])
+def test_written_out_gradients_equal_autodiffs(name):
+    """The loss's and the MLP's hand-written gradients (kept for speed) are autodiff's of the plain expressions,
+    on values large enough to overflow a naive exp; the forward values are the plain ones."""
+    from pass_jax.model import swiglu
+    from pass_jax.training import target_log_prob
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((3, 5, 40)) * 8 + 200, jnp.float32)
+    if name == "target_log_prob":
+        targets = jnp.asarray(rng.integers(0, 40, (3, 5)))
+        fn, ref = (lambda x: target_log_prob(x, targets)), (lambda x: _autodiff_target_log_prob(x, targets))
+    else:
+        x = x - 200
+        fn, ref = swiglu, _autodiff_swiglu
+    g = jnp.asarray(rng.standard_normal(ref(x).shape), jnp.float32)
+    got, vjp = jax.vjp(jax.jit(fn), x)
+    want, ref_vjp = jax.vjp(ref, x)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(vjp(g)[0]), np.asarray(ref_vjp(g)[0]), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("loss", ["ce", "distill"])
 def test_two_pass_loss_and_gradient_equal_one_pass_over_everything(loss):
     """Running the real tokens first (no gradient) and then only the blocks changes nothing but the cost; the
