@@ -48,7 +48,7 @@ def _generate_parser(sub) -> None:
                         "best, plus a 4-token n-gram chain), ';blocks=B' to put look-ahead blocks on the B "
                         "likeliest nodes only, ';ngram_min=N' to draft an n-gram only after a match of N+ tokens "
                         "(rounds without one skip the chain); 'ngram=4' alone for --method ngram (defaults, the fastest "
-                        "measured: '1;ngram=4;ngram_min=2;blocks=1' for pass, 'ngram=4;ngram_min=2' for ngram)")
+                        "measured: '1;ngram=4;ngram_min=2' for pass, 'ngram=4;ngram_min=2' for ngram)")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template as a "
                    "user message (instruct models)")
     g = p.add_mutually_exclusive_group(required=True)

@@ -46,7 +46,7 @@ def add_parser(sub) -> None:
     add_dtype(p, help="parameter dtype (bfloat16: the faster one on an AVX-512 CPU; greedy PaSS may leave "
                  "autoregressive decoding where two float32 logits nearly tie)")
     p.add_argument("--tree", default=None, help="--method pass: the candidate tree (default: generate's, "
-                   "'1;ngram=4;ngram_min=2;blocks=1'); see `python -m infer generate --help`")
+                   "'1;ngram=4;ngram_min=2'); see `python -m infer generate --help`")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=3.0, help="seconds per test execution")
     p.add_argument("--compare", action="store_true", help="also decode autoregressively: speed-up and identity")

@@ -51,6 +51,8 @@ def add_parser(sub) -> None:
     p.add_argument("--max-nodes", type=int, default=24, help="largest tree considered (nodes, root included)")
     p.add_argument("--finalists", type=int, default=3,
                    help="trees decoded side by side with autoregressive decoding (the expected best of each kind)")
+    p.add_argument("--also", action="append", default=[], metavar="TREE",
+                   help="decode this tree side by side too (repeatable), e.g. the tree you use now")
     p.add_argument("--repeats", type=int, default=3, help="timed runs of each prompt per tree (median)")
     p.add_argument("--out", help="write the JSON result here")
     p.set_defaults(func=run)
@@ -125,6 +127,7 @@ def run(args) -> int:
     from .options import resolve_lookahead, with_demo_defaults
     from .timing import machine
 
+    also = [DraftTree.parse(t) for t in args.also]  # a bad tree is an error before any work
     model_path, la_spec = with_demo_defaults(args.model, args.lookahead)
     model = load_model(model_path, dtype=args.dtype)
     lookahead, k = resolve_lookahead(la_spec, model, args.k)
@@ -146,7 +149,7 @@ def run(args) -> int:
     best, table = choose(probe, rates, costs, k, args.max_nodes, 1.0 if share is None else share)
     bar.set_postfix_str("measure")
     runs = {"ar": {"method": "ar"}}
-    for tree in [*finalists(table, args.finalists), DEFAULT_TREE]:  # and generate's default, for reference
+    for tree in [*finalists(table, args.finalists), DEFAULT_TREE, *also]:  # and generate's default, for reference
         runs[tree.describe()] = ({"method": "pass", "variant": "tree", "k": k, "lookahead": lookahead, "tree": tree}
                                  if tree.paths else {"method": "ngram", "tree": tree})
     measured = _measure_side_by_side(model, prompts, runs, kw, args.repeats)

@@ -158,6 +158,12 @@ def test_help_runs_as_a_module():
                          check=True).stdout
     for flag in ("--model", "--method", "--k", "--lookahead", "--prompt-ids", "--json", "--temperature", "--top-p"):
         assert flag in out
+    from pass_jax.api import DEFAULT_TREE
+
+    for command in ("generate", "humaneval"):  # the default tree each names is generate's
+        text = subprocess.run([sys.executable, "-m", "infer", command, "--help"], capture_output=True, text=True,
+                              check=True, env={**os.environ, "COLUMNS": "1000"}).stdout
+        assert f"'{DEFAULT_TREE.describe()}'" in text
 
 
 @pytest.fixture(scope="module")
@@ -278,11 +284,11 @@ def test_tune_decodes_its_finalists_side_by_side_and_answers_the_fastest(tmp_pat
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("def add(a, b):\n    return a + b\n\n\ndef add(a, b):\n\nimport os\nimport sys\nimport os\n")
     code, out, _ = _run(["tune", "--prompts", str(prompts), "--max-new-tokens", "12", "--repeats", "1",
-                         "--max-nodes", "6", "--out", str(tmp_path / "tune.json")], capsys)
+                         "--max-nodes", "6", "--also", "2;ngram=2;blocks=1", "--out", str(tmp_path / "tune.json")], capsys)
     res = json.loads(out)
     measured = res["measured"]
     assert code == 0 and json.loads((tmp_path / "tune.json").read_text()) == res
-    assert {"ar", DEFAULT_TREE.describe()} < set(measured) and 0 <= res["ngram_share"] <= 1
+    assert {"ar", DEFAULT_TREE.describe(), "2;ngram=2;blocks=1"} < set(measured) and 0 <= res["ngram_share"] <= 1
     assert res["expected_best"] in measured or res["expected_best"] == "ar"
     assert res["chosen"] == max(measured, key=lambda n: measured[n]["tokens_per_second"])
     assert all(m["identical_to_ar"] for m in measured.values())  # greedy: every tree is lossless
