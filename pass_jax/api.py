@@ -143,10 +143,11 @@ def _tokenize(model: Model, prompts, chat: bool = False) -> list[list[int]]:
     return ids
 
 
-# The fastest PaSS tree measured (infer/results/trees_smollm2.json): the best look-ahead candidate and a
-# 4-token n-gram chain drafted after 2+ matching tokens, a one-slot look-ahead block on every node. With
-# one block at the root instead (blocks=1, the default before), every round carries k slots: 6 tokens
-# instead of 4 in the rounds without a chain, 13-16% slower on SmolLM2 in bfloat16.
+# The fastest PaSS tree measured (infer/results/tune_smollm2_{code,chat}.json, where tune picks it): the
+# best look-ahead candidate and a 4-token n-gram chain drafted after 2+ matching tokens, a one-slot
+# look-ahead block on every node. With one block at the root instead (blocks=1, the default before),
+# every round carries k slots: 6 tokens instead of 4 in the rounds without a chain (most rounds),
+# 6-7% slower on SmolLM2 in bfloat16 in those runs.
 DEFAULT_TREE = DraftTree.from_widths((1,), ngram=4, ngram_min=2)
 DEFAULT_NGRAM = 4
 
