@@ -165,7 +165,7 @@ def target_log_prob(logits, targets):
 
 
 def _target_log_prob_fwd(logits, targets):
-    top = jax.lax.stop_gradient(jnp.max(logits, -1, keepdims=True))
+    top = jnp.max(logits, -1, keepdims=True)
     scaled = jnp.exp(logits - top)
     mass = jnp.sum(scaled, -1)
     own = jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]

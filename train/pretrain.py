@@ -67,17 +67,16 @@ def train_tokenizer(docs: list[str], vocab_size: int):
 
 def lm_loss(params, cfg, tokens):
     """Mean next-token cross-entropy of a batch [B, L]."""
-    import jax
     import jax.numpy as jnp
 
     from pass_jax.cache import KVCache
     from pass_jax.model import causal_block_mask, embed_tokens, forward, logits_from_hidden
+    from pass_jax.training import target_log_prob
 
     b, length = tokens.shape
     hidden, _ = forward(params, cfg, embed_tokens(params, tokens), jnp.broadcast_to(jnp.arange(length), (b, length)),
                         causal_block_mask(jnp.ones((b, length), bool)), KVCache.create(cfg, b, length))
-    logp = jax.nn.log_softmax(logits_from_hidden(params, hidden[:, :-1]), -1)
-    return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], -1))
+    return -jnp.mean(target_log_prob(logits_from_hidden(params, hidden[:, :-1]), tokens[:, 1:]))
 
 
 def run(args) -> int:
