@@ -23,16 +23,13 @@ import json
 import shlex
 import sys
 import tempfile
-import time
-from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
 
+from .bench_common import log_row, median_time, model_loaders, pass_ms, presets, random_model, stream_rate
 from .bench_matrices import suite_matrices
 from .timing import machine
-
-PRESETS = files("infer") / "data" / "models.yaml"  # package data: found from any install
 
 
 def add_parser(sub) -> None:
@@ -62,51 +59,8 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def presets() -> dict:
-    import yaml
-
-    return yaml.safe_load(PRESETS.read_text())
-
-
-def random_model(name: str, dtype: str):
-    import jax
-
-    from pass_jax import Model, ModelConfig
-    from pass_jax.api import DTYPES
-    from pass_jax.model import init_params
-
-    cfg = ModelConfig(**presets()[name])
-    return Model(cfg, init_params(cfg, jax.random.key(0), DTYPES[dtype]))
-
-
-def _median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
 def _prompts(batch: int, vocab: int, length: int = 16) -> list[list[int]]:
     return np.random.default_rng(0).integers(0, vocab, (batch, length)).tolist()
-
-
-def stream_rate(repeats: int = 20, megabytes: int = 512) -> float:
-    """Bytes/s of one large float32 matrix-vector product: the floor for reading a model's weights.
-
-    The matrix (512 MB) is larger than this machine's last-level cache (260 MB), as a decoder's
-    weights are: a smaller matrix timed repeatedly is served partly from that cache, at a rate no
-    model larger than the cache can stream at (38-45 GB/s for 128 MB against ~25 here)."""
-    import jax
-    import jax.numpy as jnp
-
-    rows = megabytes * 2**20 // (4096 * 4)
-    w = jnp.asarray(np.random.default_rng(0).standard_normal((rows, 4096), np.float32))
-    x = jnp.ones((1, rows), jnp.float32)
-    f = jax.jit(lambda x, w: x @ w)
-    f(x, w).block_until_ready()
-    return w.nbytes / _median_time(lambda: f(x, w).block_until_ready(), repeats)
 
 
 def torch_device() -> str:
@@ -138,7 +92,7 @@ def _torch_ms_per_token(model, prompts, new_tokens: int, repeats: int) -> float:
             torch.cuda.synchronize()
 
     run()
-    return _median_time(run, repeats) / new_tokens * 1e3
+    return median_time(run, repeats) / new_tokens * 1e3
 
 
 def _floor_ms(model, rate: float) -> float:
@@ -181,39 +135,8 @@ def suite_decode(args, names):
                 row["floor_ms"] = _floor_ms(model, rate)
                 row["ratio_to_floor"] = row["jax_ms_per_token"] / row["floor_ms"]
             rows.append(row)
-            _log(row)
+            log_row(row)
     return {"stream_rate_gb_s": rate / 1e9, "rows": rows}
-
-
-def _pass_cost_fn(model, t: int, batch: int, context: int, iters: int):
-    """A jitted loop of `iters` forward passes over t new tokens at a warm cache of `context` entries."""
-    import jax
-    import jax.numpy as jnp
-
-    from pass_jax.cache import KVCache
-    from pass_jax.model import causal_block_mask, embed_tokens, forward, logits_from_hidden
-
-    cfg = model.config
-    cache = KVCache.create(cfg, batch, context + max(32, t), model.dtype).commit(jnp.full((batch,), context))
-    tokens = jnp.ones((batch, t), jnp.int32)
-    positions = context + jnp.broadcast_to(jnp.arange(t), (batch, t))
-    mask = causal_block_mask(jnp.ones((batch, t), bool))
-
-    @jax.jit
-    def loop(params, cache):
-        def body(i, carry):
-            cache, acc = carry
-            hidden, cache = forward(params, cfg, embed_tokens(params, tokens + i % 2), positions, mask, cache)
-            return cache, acc + logits_from_hidden(params, hidden)[:, -1, 0]
-        return jax.lax.fori_loop(0, iters, body, (cache, jnp.zeros((batch,))))[1]
-
-    loop(model.params, cache).block_until_ready()
-    return lambda: loop(model.params, cache).block_until_ready()
-
-
-def _pass_ms(model, t: int, repeats: int, iters: int = 16) -> float:
-    """Median ms of one forward pass over t new tokens at batch 1 with a warm cache of 256."""
-    return _median_time(_pass_cost_fn(model, t, 1, 256, iters), repeats) / iters * 1e3
 
 
 def suite_passes(args, names):
@@ -222,11 +145,11 @@ def suite_passes(args, names):
         model = random_model(name, args.dtype)
         base = None
         for t in (1, 2, 4, 6, 8, 12, 16):
-            ms = _pass_ms(model, t, args.repeats)
+            ms = pass_ms(model, t, args.repeats)
             base = base or ms
             row = {"model": name, "tokens": t, "ms_per_pass": ms, "ratio_to_1_token": ms / base}
             rows.append(row)
-            _log(row)
+            log_row(row)
     return {"context": 256, "batch": 1, "rows": rows}
 
 
@@ -252,25 +175,11 @@ def suite_overhead(args, names):
                    # the per-token ratio if nothing were accepted: PaSS's cost per pass over AR's
                    "pass_over_ar_per_pass": (ps / passes["pass"]) / (ar / passes["ar"])}
             rows.append(row)
-            _log(row)
+            log_row(row)
     return {"rows": rows}
 
 
 SPEED_TOKENS = (1, 2, 4, 8, 16, 32, 64)
-
-
-def model_loaders(args, names) -> list:
-    """[(name, load(dtype))]: --model when given, else the named random presets."""
-    from functools import partial
-
-    from pass_jax import load_model
-
-    from .options import with_demo_defaults
-
-    if args.model:
-        path = with_demo_defaults(args.model, None)[0]
-        return [(args.model, lambda dtype: load_model(path, dtype=dtype))]
-    return [(name, partial(random_model, name)) for name in names]
 
 
 LONG_CACHE = 2048
@@ -295,10 +204,10 @@ def suite_speed(args, names):
             row["long_cache_slots"] = min(LONG_CACHE, model.config.max_position_embeddings)
             row["jax_ms_per_token_long_cache"] = _ar_ms_per_token(model, prompts, args, max_len=row["long_cache_slots"])[0]
             rows.append(row)
-            _log(row)
+            log_row(row)
             for t in SPEED_TOKENS:
-                passes.append({"model": name, "dtype": dtype, "tokens": t, "ms_per_pass": _pass_ms(model, t, args.repeats)})
-                _log(passes[-1])
+                passes.append({"model": name, "dtype": dtype, "tokens": t, "ms_per_pass": pass_ms(model, t, args.repeats)})
+                log_row(passes[-1])
         fastest = min(r["ms_per_pass"] for r in passes if r["model"] == name and r["tokens"] == 1)
         for r in passes:  # the goal: a 16-token pass within 1.3x of the fastest 1-token pass, any dtype
             if r["model"] == name:
@@ -313,11 +222,6 @@ SUITES = {"decode": (suite_decode, "llama-7m,llama-35m,llama-120m"),
           "overhead": (suite_overhead, "llama-12m,llama-35m,llama-120m"),
           "speed": (suite_speed, "llama-120m"),
           "matrices": (suite_matrices, "llama-120m")}
-
-
-def _log(row: dict) -> None:
-    print("  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
-          file=sys.stderr, flush=True)
 
 
 def run(args) -> int:

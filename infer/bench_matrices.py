@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .bench_common import log_row, median_time, model_loaders, pass_ms, stream_rate
+
 MATRIX_TOKENS = (1, 2, 4, 8, 16)
 
 
@@ -58,8 +60,6 @@ def _head(params, rows: int, d: int):
 
 
 def suite_matrices(args, names):
-    from .bench import _log, _median_time, _pass_ms, model_loaders, stream_rate
-
     rate, rows = stream_rate(), []
     repeats = max(args.repeats, 5)
     for name, load in model_loaders(args, names):
@@ -68,12 +68,12 @@ def suite_matrices(args, names):
         layer_bytes = sum(w.nbytes for layer in params["layers"] for w in layer.values() if w.ndim == 2)
         for t in MATRIX_TOKENS:
             row = {"model": name, "dtype": args.dtype, "tokens": t,
-                   "chain_ms": _median_time(_layer_products(cfg, params, t, True), repeats) * 1e3,
-                   "independent_ms": _median_time(_layer_products(cfg, params, t, False), repeats) * 1e3,
-                   "head_ms": _median_time(_head(params, t, cfg.hidden_size), repeats) * 1e3,
-                   "pass_ms": _pass_ms(model, t, args.repeats),
+                   "chain_ms": median_time(_layer_products(cfg, params, t, True), repeats) * 1e3,
+                   "independent_ms": median_time(_layer_products(cfg, params, t, False), repeats) * 1e3,
+                   "head_ms": median_time(_head(params, t, cfg.hidden_size), repeats) * 1e3,
+                   "pass_ms": pass_ms(model, t, args.repeats),
                    "layer_floor_ms": layer_bytes / rate * 1e3}
             row["outside_matrices_ms"] = row["pass_ms"] - row["chain_ms"] - row["head_ms"]
             rows.append(row)
-            _log(row)
+            log_row(row)
     return {"stream_rate_gb_s": rate / 1e9, "context": 256, "batch": 1, "rows": rows}

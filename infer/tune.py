@@ -60,9 +60,9 @@ def add_parser(sub) -> None:
 
 def pass_costs(model, context: int, tokens=COST_TOKENS, iters: int = 8) -> dict[int, float]:
     """Seconds per forward pass over T new tokens at a warm cache of `context` entries (median of 3)."""
-    from .bench import _median_time, _pass_cost_fn
+    from .bench_common import median_time, pass_cost_fn
 
-    return {t: _median_time(_pass_cost_fn(model, t, 1, context, iters), 3) / iters for t in tokens}
+    return {t: median_time(pass_cost_fn(model, t, 1, context, iters), 3) / iters for t in tokens}
 
 
 def _cost_at(costs: dict[int, float], t: int) -> float:

@@ -8,6 +8,25 @@ import sysconfig
 from pathlib import Path
 
 
+def run_command(commands, argv: list[str], description: str | None = None) -> int:
+    """Parse `python -m train` argv against the given command modules (each has `add_parser(sub)`),
+    apply a --config YAML's defaults, and run the command: the CLI passes all of them, `train sweep`
+    only `lookahead` (so no command module needs to import the CLI)."""
+    parser = argparse.ArgumentParser(prog="python -m train", description=description)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for command in commands:
+        command.add_parser(sub)
+    from infer.options import add_compile_cache
+    from pass_jax.compile_cache import enable
+
+    add_compile_cache(sub)
+    if argv and argv[0] in sub.choices:
+        apply_yaml_defaults(sub.choices[argv[0]], argv[1:])
+    args = parser.parse_args(argv)
+    enable(args.compile_cache)
+    return args.func(args)
+
+
 def apply_yaml_defaults(parser: argparse.ArgumentParser, argv: list[str]) -> None:
     """Let --config FILE set defaults; explicit flags still win. Keys and values are checked like flags."""
     pre = argparse.ArgumentParser(add_help=False)

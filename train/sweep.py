@@ -46,7 +46,8 @@ def add_parser(sub) -> None:
 
 def _train(model_dir: str, out: Path, options: dict, quiet: bool) -> float:
     """Train one variant (resuming where it stopped); seconds of training summed over its sittings."""
-    from . import __main__ as cli
+    from . import lookahead
+    from .common import run_command
 
     done = out / "lookahead.json"
     if not done.is_file():
@@ -61,7 +62,11 @@ def _train(model_dir: str, out: Path, options: dict, quiet: bool) -> float:
             argv.append("--resume")
         if quiet:
             argv.append("--quiet")
-        if cli.main(argv) != 0:
+        try:
+            failed = run_command((lookahead,), argv) != 0
+        except (ValueError, FileNotFoundError) as e:
+            raise ValueError(f"training variant {out.name}: {e}") from e
+        if failed:
             raise ValueError(f"training variant {out.name} failed (see above)")
     meta = json.loads(done.read_text())
     return float(meta.get("train_seconds_total", meta.get("train_seconds_this_run", 0.0)))
