@@ -80,7 +80,8 @@ def save_model(model: Model, model_dir: str | os.PathLike, max_shard_bytes: int 
 
 @dataclasses.dataclass(frozen=True)
 class GenerationStats:
-    """What one generate call measured; `to_dict()` is the "stats" object of the JSON output (DESIGN.md §3)."""
+    """What one generate call measured; `to_dict()` is the "stats" object of the JSON output
+    (README.md, "JSON output")."""
 
     new_tokens: int
     forward_passes: int  # passes of the whole batch
@@ -256,11 +257,13 @@ def make_plan(model: Model, *, prompt_len: int, max_new_tokens: int = 64, method
                       tuple(sorted(eos)), tree)
     longest = prompt_len if longest_prompt is None else longest_prompt
     needed = max(prompt_len + k, longest + max_new_tokens + spec.block_tokens)
-    reach = longest + max_new_tokens + spec.block_tokens  # positions a row may use: prompt, output, draft block
+    # Positions a row may emit at: prompt and output. A draft block can reach further near the end of a
+    # request; its positions are clipped (DecodePlan.max_position), as drafts past the budget are never
+    # accepted, so every request autoregressive decoding accepts, every method accepts.
+    reach = longest + max_new_tokens
     if reach > cfg.max_position_embeddings:
-        msg = (f"this request reaches position {reach} (longest prompt {longest} + max_new_tokens {max_new_tokens} + "
-               f"{spec.block_tokens} draft-block entries), past the model's max_position_embeddings "
-               f"{cfg.max_position_embeddings}")
+        msg = (f"this request reaches position {reach} (longest prompt {longest} + max_new_tokens {max_new_tokens}), "
+               f"past the model's max_position_embeddings {cfg.max_position_embeddings}")
         if not allow_long:
             raise ValueError(f"{msg}; shorten the prompt, lower max_new_tokens, or pass allow_long=True (--allow-long)")
         warnings.warn(f"{msg}: output past the trained context may be poor", stacklevel=3)
@@ -271,7 +274,8 @@ def make_plan(model: Model, *, prompt_len: int, max_new_tokens: int = 64, method
             f"the KV cache holds {max_len} entries but this request needs {needed}: longest prompt "
             f"{longest} (padded to {prompt_len}) + max_new_tokens {max_new_tokens} + {spec.block_tokens} block "
             "entries; shorten the prompt, lower max_new_tokens, or raise max_len")
-    return DecodePlan(cfg, spec, max_len, draft_model.config if draft_model else None, mesh), lookahead
+    last = None if allow_long else cfg.max_position_embeddings - 1
+    return DecodePlan(cfg, spec, max_len, draft_model.config if draft_model else None, mesh, last), lookahead
 
 
 def decode_fn(plan: DecodePlan):

@@ -103,7 +103,12 @@ class Inputs:
 
 
 def _forward(plan: DecodePlan, inp: Inputs, embeds, positions, mask, cache, n_real: int, visible=None):
-    """The decoder over a block whose slots from n_real on are look-aheads (they alone see a deep prefix)."""
+    """The decoder over a block whose slots from n_real on are look-aheads (they alone see a deep prefix).
+
+    Positions are clipped to the plan's last one: a draft block may reach past it near the end of a
+    request, but only tokens inside it are ever emitted (drafts past the budget are never accepted)."""
+    if plan.max_position is not None:
+        positions = jnp.minimum(positions, plan.max_position)
     if inp.prefix is None or n_real >= embeds.shape[1]:  # no look-ahead rows: autoregressive decoding's graph
         return forward(inp.params, plan.cfg, embeds, positions, mask, cache, visible=visible)
     rows = jnp.broadcast_to(jnp.arange(embeds.shape[1]) >= n_real, embeds.shape[:2])
@@ -408,6 +413,7 @@ class DecodePlan:
     max_len: int
     draft_cfg: ModelConfig | None = None
     mesh: Mesh | None = None  # a (data, model) mesh: the KV caches are pinned to sharding.CACHE_AXES
+    max_position: int | None = None  # the last RoPE position a pass may use (None: any)
 
     def _pin(self, state: DecodeState) -> DecodeState:
         """On a mesh, keep the loop carry's KV caches split by the rules (rows over "data", KV heads

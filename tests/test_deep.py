@@ -15,10 +15,10 @@ import pass_jax as pj
 from pass_jax.cache import KVCache
 from pass_jax.checkpoint import load_lookahead
 from pass_jax.model import causal_block_mask, embed_tokens, forward
-from pass_jax.training import TrainLayout, lookahead_loss, make_train_step
+from pass_jax.training import TrainLayout, make_train_step
 
 from .conftest import prefill_for_rounds, run_and_kill_after_checkpoint, tiny_model
-from .test_train import REPO, _env, _leaf, _train_cmd, base_dir  # noqa: F401 -- base_dir is a fixture
+from .test_train import REPO, _env, _leaf, _train_cmd, base_dir, lookahead_loss  # noqa: F401 -- base_dir: a fixture
 
 
 def _deep(m, k=3, p=4, scale=3.0, seed=0):

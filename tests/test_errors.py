@@ -111,17 +111,33 @@ def test_request_past_max_position_embeddings():
 
     m = tiny_model()
     m = pj.Model(dataclasses.replace(m.config, max_position_embeddings=32), m.params)
-    assert len(pj.generate(m, [[1, 2, 3]], max_new_tokens=28).token_ids[0]) == 28  # 3 + 28 + 1 = 32 fits
+    assert len(pj.generate(m, [[1, 2, 3]], max_new_tokens=29).token_ids[0]) == 29  # 3 + 29 = 32 positions fit
     with pytest.raises(ValueError, match="reaches position 33 .* max_position_embeddings 32.*allow_long"):
-        pj.generate(m, [[1, 2, 3]], max_new_tokens=29)
-    with pytest.raises(ValueError, match="max_position_embeddings 32"):  # the draft block counts too
-        pj.generate(m, [[1, 2, 3]], max_new_tokens=20, method="pass", k=8, variant="fused")
+        pj.generate(m, [[1, 2, 3]], max_new_tokens=30)
+    with pytest.raises(ValueError, match="reaches position 33 .* max_position_embeddings 32"):  # every method alike
+        pj.generate(m, [[1, 2, 3]], max_new_tokens=30, method="pass", k=8, variant="fused")
     with pytest.warns(UserWarning, match="max_position_embeddings 32"):
         r = pj.generate(m, [[1, 2, 3]], max_new_tokens=40, allow_long=True)
     assert len(r.token_ids[0]) == 40
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         pj.generate(m, [[1, 2, 3]], max_new_tokens=8)  # within bounds: silent
+
+
+@pytest.mark.parametrize("method, variant, k", [("pass", "tree", 4), ("pass", "fused", 8), ("pass", "paper", 4),
+                                                ("ngram", "tree", 4), ("speculative", "tree", 3)])
+def test_every_method_takes_a_request_that_fills_the_context(method, variant, k):
+    """A draft block may reach past the last position near the end of a request: PaSS, n-gram and
+    speculative decoding take every request autoregressive decoding takes, and emit the same tokens."""
+    import dataclasses
+
+    m = tiny_model()
+    m = pj.Model(dataclasses.replace(m.config, max_position_embeddings=24), m.params)
+    prompts = [[1, 2, 3, 1, 2, 3], [5]]  # 6 + 18 and 1 + 18: the first row fills all 24 positions
+    ar = pj.generate(m, prompts, max_new_tokens=18, eos_token_id=())
+    kw = {"draft_model": m} if method == "speculative" else {}
+    res = pj.generate(m, prompts, max_new_tokens=18, method=method, variant=variant, k=k, eos_token_id=(), **kw)
+    assert res.token_ids == ar.token_ids and [len(t) for t in res.token_ids] == [18, 18]
 
 
 def test_lookahead_checkpoint_fingerprint_does_not_depend_on_the_dtype(tmp_path):

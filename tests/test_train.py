@@ -14,17 +14,21 @@ import optax
 import pytest
 
 import pass_jax as pj
-from pass_jax import cpu_kernel
+from pass_jax import cpu_kernel, training
 from pass_jax.cache import KVCache
 from pass_jax.checkpoint import load_lookahead
 from pass_jax.decode import block_layout
 from pass_jax.model import embed_tokens, forward, logits_from_hidden
 from pass_jax.sharding import make_mesh
-from pass_jax.training import TrainLayout, lookahead_loss, make_train_step, real_pass
+from pass_jax.training import TrainLayout, make_train_step
 
 from .conftest import build_hf_model, run_and_kill_after_checkpoint, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
+# The loss and the real tokens' pass under jit, as training runs them: one compiled program per setting,
+# where calling them eagerly dispatched every primitive one by one (~5x the time on 2 CPU cores).
+lookahead_loss = jax.jit(training.lookahead_loss, static_argnames=("cfg", "layout", "loss", "top_c"))
+real_pass = jax.jit(training.real_pass, static_argnames="cfg")
 
 
 def test_training_layout_matches_the_decoder():
@@ -37,13 +41,14 @@ def test_training_layout_matches_the_decoder():
     n = len(layout.points) * k
     embeds = jnp.concatenate([embed_tokens(m.params, tokens), jnp.tile(la, (n // k, 1))[None]], 1)
     t = embeds.shape[1]
-    hidden, _ = forward(m.params, m.config, embeds, positions[None], mask[None], KVCache.create(m.config, 1, t))
+    run = jax.jit(forward, static_argnums=1)
+    hidden, _ = run(m.params, m.config, embeds, positions[None], mask[None], KVCache.create(m.config, 1, t))
     trained = logits_from_hidden(m.params, hidden[:, 16:]).reshape(len(layout.points), k, -1)
     for j, point in enumerate(layout.points):
         prefix = tokens[:, :point + 1]
         pos, blk = block_layout(jnp.zeros((1,), jnp.int32), jnp.array([point]), point + 1, k)
-        h, _ = forward(m.params, m.config, jnp.concatenate([embed_tokens(m.params, prefix), la[None]], 1), pos, blk,
-                       KVCache.create(m.config, 1, point + 1 + k))
+        h, _ = run(m.params, m.config, jnp.concatenate([embed_tokens(m.params, prefix), la[None]], 1), pos, blk,
+                   KVCache.create(m.config, 1, point + 1 + k))
         np.testing.assert_allclose(logits_from_hidden(m.params, h[:, point + 1:])[0], trained[j], atol=1e-5)
 
 
@@ -212,13 +217,15 @@ def test_a_kept_real_pass_is_the_one_the_loss_would_run(loss):
 def _one_pass_loss(la, m, tokens, layout, loss, decay, target_mask):
     from train.step_bench import one_pass_loss
 
-    return one_pass_loss(la, m.params, m.config, tokens, layout, loss, decay, target_mask)
+    return jax.jit(one_pass_loss, static_argnames=("cfg", "layout", "loss"))(la, m.params, m.config, tokens, layout,
+                                                                             loss, decay, target_mask)
 
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("base")
-    build_hf_model("llama", vocab_size=48).save_pretrained(path)
+    # rows of --seq-len 24 fill its whole context: self-data generation and PaSS decoding must take them
+    build_hf_model("llama", vocab_size=48, max_position_embeddings=24).save_pretrained(path)
     return str(path)
 
 
@@ -247,10 +254,13 @@ def test_train_cli_end_to_end_and_generate_with_it(base_dir, tmp_path):
     assert [r["step"] for r in metrics] == [20, 40] and all(r["tokens_per_forward"] >= 1 for r in metrics)
     curve = [json.loads(line) for line in (out / "loss.jsonl").read_text().splitlines()]
     assert [r["step"] for r in curve] == list(range(5, 41, 5)) and all(np.isfinite(r["loss"]) for r in curve)
+    rows = np.load(out / "self_data.npz")
+    assert rows["tokens"].shape == (8, 24) and rows["mask"][:, -1].all()  # every row runs to the context's end
     res = subprocess.run([sys.executable, "-m", "infer", "generate", "--model", base_dir, "--k", "2", "--lookahead",
-                          str(out), "--prompt-ids", "1,2,3", "--max-new-tokens", "8", "--json"], check=True,
-                         capture_output=True, text=True, env=_env(), cwd=REPO)
-    assert len(json.loads(res.stdout)["token_ids"][0]) == 8
+                          str(out), "--prompt-ids", "1,2,3", "--max-new-tokens", "21", "--compare", "--json"],
+                         check=True, capture_output=True, text=True, env=_env(), cwd=REPO)
+    res = json.loads(res.stdout)  # 3 + 21 tokens fill the context: the draft block reaches past it
+    assert len(res["token_ids"][0]) == 21 and res["token_ids"] == res["autoregressive"]["token_ids"]
     again = subprocess.run(_train_cmd(base_dir, out), check=False, env=_env(), cwd=REPO, capture_output=True, text=True)
     assert again.returncode == 2 and "--resume" in again.stderr
     changed = subprocess.run(_train_cmd(base_dir, out, "--resume", "--lr", "0.5"), check=False, env=_env(), cwd=REPO,
@@ -268,6 +278,15 @@ def test_bad_yaml_config_is_a_clear_error(tmp_path, capsys, yaml_text, msg):
     assert msg in capsys.readouterr().err
 
 
+def test_seq_len_past_the_models_context_is_one_clear_error(base_dir, tmp_path, capsys):
+    from train.__main__ import main
+
+    argv = _train_cmd(base_dir, tmp_path / "run")[3:]  # without the interpreter and "-m train"
+    assert main([*argv, "--seq-len", "25"]) == 2
+    assert "--seq-len 25 is longer than the model's context (max_position_embeddings 24)" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # the default suite resumes the default (deep) leaf: test_deep.py
 def test_killed_run_resumes_bit_for_bit(base_dir, tmp_path):
     steps = 300
     subprocess.run(_train_cmd(base_dir, tmp_path / "straight", steps=steps), check=True, env=_env(), cwd=REPO)
@@ -417,6 +436,7 @@ def test_sweep_trains_each_variant_once_on_shared_data_and_tables_them(tmp_path)
     assert "tok/fwd tree 2,1" in (tmp_path / "out" / "sweep.md").read_text()
 
 
+@pytest.mark.slow
 def test_bench_step_times_every_formulation(tmp_path, capsys):
     from train.__main__ import main
 

@@ -144,7 +144,9 @@ def _self_data(model, args, out: Path) -> tuple[np.ndarray, np.ndarray]:
     for i in tqdm(range(start, len(ids), batch), desc="self-data", unit="batch", file=sys.stderr,
                   disable=args.quiet, initial=start // batch, total=-(-len(ids) // batch)):
         chunk = ids[i:i + batch]
-        res = generate(model, chunk, max_new_tokens=L - min(map(len, chunk)), method="ngram",
+        # rows are cut to L <= the model's context: no row needs more, nor may its longest prompt go past it
+        budget = min(L - min(map(len, chunk)), model.config.max_position_embeddings - max(map(len, chunk)))
+        res = generate(model, chunk, max_new_tokens=budget, method="ngram",
                        temperature=args.self_temperature, seed=args.seed + i, eos_token_id=eos)
         for r, (p, t) in enumerate(zip(chunk, res.token_ids)):
             row = (p + t)[:L]
@@ -229,6 +231,10 @@ def run(args) -> int:
     if primary:
         check_resume(out, args, RUN_KEYS)
     model = load_model(args.model, dtype=args.dtype)
+    context = model.config.max_position_embeddings
+    if args.seq_len > context:
+        raise ValueError(f"--seq-len {args.seq_len} is longer than the model's context (max_position_embeddings "
+                         f"{context}): pass --seq-len {context} or less")
     if args.data == ["self"]:
         batches = RowBatches(*_self_data(model, args, out), args.batch_size, args.seed)
     else:
@@ -289,13 +295,14 @@ def run(args) -> int:
                   f"{free / 2**30:.1f} GB free", file=sys.stderr)
 
     metrics_path = out / "metrics.jsonl"
-    prompts = batches.eval_prompts(args.eval_prompts, min(32, args.seq_len))
+    prompts = batches.eval_prompts(args.eval_prompts, min(32, args.seq_len // 2))
 
     def evaluate(step: int, loss: float) -> None:
         if not primary or not prompts:
             return
         la_host = _host(state["lookahead"])
-        res = generate(model, prompts, max_new_tokens=32, method="pass", k=k, lookahead=la_host, eos_token_id=())
+        budget = min(32, context - max(map(len, prompts)))  # the held-back prompts are at most half a row
+        res = generate(model, prompts, max_new_tokens=budget, method="pass", k=k, lookahead=la_host, eos_token_id=())
         row = {"step": step, "loss": loss, "tokens_per_forward": res.stats.tokens_per_forward,
                "acceptance_by_position": res.stats.acceptance_by_position,
                # per-position top-c agreement with the greedy continuation (no ceiling: the base is fixed)
