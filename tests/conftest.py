@@ -6,6 +6,26 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+def _session_compile_cache() -> None:
+    """One persistent compilation cache for the whole test session, made fresh for it (never the user's
+    ~/.cache): pytest-xdist's workers and the CLI subprocesses the tests start inherit its directory
+    through PASS_JAX_COMPILE_CACHE, so a program that several processes compile (the demo model's decode,
+    a tiny model's training step) is compiled once. The process that makes it removes it at exit."""
+    import atexit
+    import shutil
+    import tempfile
+
+    if "PASS_JAX_COMPILE_CACHE" not in os.environ:
+        where = tempfile.mkdtemp(prefix="pass-jax-test-xla-")
+        os.environ["PASS_JAX_COMPILE_CACHE"] = where
+        atexit.register(shutil.rmtree, where, ignore_errors=True)
+    from pass_jax.compile_cache import enable
+
+    enable()
+
+
+_session_compile_cache()
+
 import pytest
 
 ARCHS = {

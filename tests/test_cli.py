@@ -1,4 +1,4 @@
-"""`python -m infer generate`: the JSON contract of DESIGN.md section 3 and clear errors."""
+"""`python -m infer generate`: the JSON contract (README.md, "JSON output") and clear errors."""
 
 import json
 import os
@@ -216,17 +216,47 @@ def test_readme_main_command_runs_on_the_embedded_demo_model(capsys):
     assert res["autoregressive"]["token_ids"] == res["token_ids"] and res["texts"][0]
 
 
-def test_main_command_prints_no_third_party_warnings(tmp_path):
-    """The README's main command, run as a user without PyTorch would (torch made unimportable): stderr stays
-    empty, since generate logs nothing on success; transformers used to announce that PyTorch was not found."""
-    main_command = ["generate", "--prompt", "def f(x):", "--compare", "--max-new-tokens", "8"]
+def test_main_command_prints_no_third_party_warnings_and_runs_again_from_the_compile_cache(tmp_path):
+    """The README's main command, run twice as a user without PyTorch would (torch made unimportable):
+    stderr stays empty, since generate logs nothing on success (transformers used to announce that PyTorch
+    was not found); the first run writes its compiled programs, the second finds every one of them in
+    the persistent compilation cache (it writes nothing new)."""
+    cache = tmp_path / "xla"
+    main_command = ["generate", "--prompt", "def f(x):", "--compare", "--max-new-tokens", "8",
+                    "--compile-cache", str(cache)]
     code = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = ['infer', *sys.argv[1:]]; "
             "runpy.run_module('infer', run_name='__main__', alter_sys=True)")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRANSFORMERS_")}
-    res = subprocess.run([sys.executable, "-c", code, *main_command], capture_output=True, text=True, cwd=tmp_path,
-                         env=env, check=False)
-    assert res.returncode == 0 and "speed-up" in res.stdout
-    assert [line for line in res.stderr.splitlines() if line.strip()] == []
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TRANSFORMERS_", "PASS_JAX_COMPILE_CACHE"))}
+    runs = []
+    for _ in range(2):
+        res = subprocess.run([sys.executable, "-c", code, *main_command], capture_output=True, text=True,
+                             cwd=tmp_path, env=env, check=False)
+        assert res.returncode == 0 and "speed-up" in res.stdout
+        assert [line for line in res.stderr.splitlines() if line.strip()] == []
+        runs.append((res.stdout.split("[pass")[0], sorted(p.name for p in cache.iterdir())))
+    (first, written), (second, found) = runs
+    assert any(name.startswith("jit_") for name in written) and found == written
+    assert second == first  # the same completion
+
+
+def test_compile_cache_setting_and_off_switch(tmp_path, monkeypatch):
+    import jax
+
+    from pass_jax.compile_cache import enable
+
+    before = jax.config.jax_compilation_cache_dir
+    assert enable("off") is None and enable("0") is None and jax.config.jax_compilation_cache_dir == before
+    monkeypatch.setenv("PASS_JAX_COMPILE_CACHE", "off")
+    assert enable() is None and jax.config.jax_compilation_cache_dir == before
+    try:
+        monkeypatch.setenv("PASS_JAX_COMPILE_CACHE", str(tmp_path / "env"))
+        assert enable() == tmp_path / "env" and jax.config.jax_compilation_cache_dir == str(tmp_path / "env")
+        assert enable(tmp_path / "flag") == tmp_path / "flag"  # the flag wins over the environment
+        (tmp_path / "file").write_text("")
+        with pytest.raises(ValueError, match="cannot create it"):
+            enable(tmp_path / "file" / "sub")
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
 
 
 def test_allow_long_turns_the_context_error_into_a_warning(tmp_path, capsys):
@@ -278,6 +308,7 @@ def test_shipped_lookaheads_are_complete_and_say_how_they_were_made():
                                              arch["head_dim"])
 
 
+@pytest.mark.slow
 def test_tune_decodes_its_finalists_side_by_side_and_answers_the_fastest(tmp_path, capsys):
     from pass_jax.api import DEFAULT_TREE
 
