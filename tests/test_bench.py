@@ -9,6 +9,7 @@ from infer.__main__ import main
 from pass_jax.checkpoint import save_lookahead
 
 
+@pytest.mark.slow
 def test_model_bench_end_to_end(tmp_path, capsys):
     from .conftest import build_hf_model
 

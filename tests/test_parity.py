@@ -1,5 +1,8 @@
 """The JAX model against the transformers PyTorch reference, on tiny random checkpoints."""
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,6 +15,14 @@ from pass_jax.model import causal_block_mask, embed_tokens, forward, logits_from
 from .conftest import ARCHS
 
 TOL = 1e-4
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _block(params, cfg, tokens, positions, cache):
+    """One causal block through the decoder, jitted as decoding runs it: (logits, cache with it written)."""
+    mask = causal_block_mask(jnp.ones(tokens.shape, bool))
+    hidden, cache = forward(params, cfg, embed_tokens(params, tokens), positions, mask, cache)
+    return logits_from_hidden(params, hidden), cache
 
 
 def _ref_logits(model, ids):
@@ -27,10 +38,9 @@ def _run_chunks(m, ids, chunks):
     for n in chunks:
         block = jnp.asarray(ids[:, start:start + n])
         positions = jnp.broadcast_to(jnp.arange(start, start + n)[None], (b, n))
-        hidden, cache = forward(m.params, m.config, embed_tokens(m.params, block), positions,
-                                causal_block_mask(jnp.ones((b, n), bool)), cache)
+        logits, cache = _block(m.params, m.config, block, positions, cache)
         cache = cache.commit(jnp.full((b,), n))
-        outs.append(np.asarray(logits_from_hidden(m.params, hidden)))
+        outs.append(np.asarray(logits))
         start += n
     assert start == t
     return np.concatenate(outs, 1)
@@ -56,14 +66,11 @@ def test_stale_cache_entries_past_length_are_invisible(hf_dirs):
     clean = _run_chunks(m, ids, [6, 4])
     cache = KVCache.create(m.config, 1, 18)
     junk = jnp.asarray(np.random.default_rng(2).integers(0, m.config.vocab_size, (1, 8)))
-    _, cache = forward(m.params, m.config, embed_tokens(m.params, jnp.asarray(ids[:, :6])), jnp.arange(6)[None],
-                       causal_block_mask(jnp.ones((1, 6), bool)), cache)
+    _, cache = _block(m.params, m.config, jnp.asarray(ids[:, :6]), jnp.arange(6)[None], cache)
     cache = cache.commit(jnp.array([6]))
-    _, cache = forward(m.params, m.config, embed_tokens(m.params, junk), jnp.arange(6, 14)[None],
-                       causal_block_mask(jnp.ones((1, 8), bool)), cache)  # written, never committed
-    hidden, _ = forward(m.params, m.config, embed_tokens(m.params, jnp.asarray(ids[:, 6:])), jnp.arange(6, 10)[None],
-                        causal_block_mask(jnp.ones((1, 4), bool)), cache)
-    np.testing.assert_allclose(np.asarray(logits_from_hidden(m.params, hidden)), clean[:, 6:], atol=1e-5)
+    _, cache = _block(m.params, m.config, junk, jnp.arange(6, 14)[None], cache)  # written, never committed
+    logits, _ = _block(m.params, m.config, jnp.asarray(ids[:, 6:]), jnp.arange(6, 10)[None], cache)
+    np.testing.assert_allclose(np.asarray(logits), clean[:, 6:], atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -17,9 +18,16 @@ def test_bench_suite_runs_from_an_installed_wheel(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
                     str(tmp_path / "dist"), str(src)], check=True, capture_output=True)
     wheel = next((tmp_path / "dist").glob("pass_jax-*.whl"))
-    venv = tmp_path / "venv"  # dependencies come from this interpreter's site-packages: nothing is downloaded
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     py = str(venv / "bin" / "python")
+    # Dependencies (and pip) come from this interpreter's site-packages, whether it is a system Python or
+    # a venv (--system-site-packages would link a venv's *base* interpreter instead): a .pth line puts
+    # them after the new venv's own site-packages. Nothing is downloaded, and the checkout's editable
+    # install stays out (.pth files in a directory named by a .pth line are not run).
+    own = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], check=True,
+                         capture_output=True, text=True).stdout.strip()
+    Path(own, "dependencies.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     subprocess.run([py, "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)], check=True,
                    capture_output=True)
     work = tmp_path / "elsewhere"
