@@ -63,6 +63,9 @@ def _generate_parser(sub) -> None:
                  "bfloat16 halves the weights read per token (on an AVX-512 CPU ~1.25x faster with "
                  "pass-jax's kernel) and may leave it where two logits nearly tie")
     p.add_argument("--max-len", type=int, help="KV cache size (default: what the request needs)")
+    p.add_argument("--backend", choices=["auto", "xla", "cpu"], default="auto",
+                   help="the ops a pass runs: xla (what TPUs and GPUs run), cpu (pass-jax's kernels, one x86-64 "
+                        "AVX-512 CPU device), auto (default: cpu where the kernels build and serve, else xla)")
     p.add_argument("--allow-long", action="store_true", help="run a request past the model's "
                    "max_position_embeddings with a warning instead of an error")
     p.add_argument("--compare", action="store_true",
@@ -108,7 +111,7 @@ def run_generate(args) -> int:
         draft = load_model(args.draft_model, dtype=args.dtype, tokenizer=False, mesh=mesh)
     common = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
               "top_p": args.top_p, "seed": args.seed, "max_len": args.max_len, "chat": args.chat,
-              "allow_long": args.allow_long, "mesh": mesh}
+              "allow_long": args.allow_long, "mesh": mesh, "backend": args.backend}
 
     def run():
         return generate(model, prompts, method=args.method, k=args.k, lookahead=lookahead, variant=args.variant,

@@ -23,8 +23,9 @@ def _layer_products(cfg, params, rows: int, chained: bool):
     import jax
     import jax.numpy as jnp
 
-    from pass_jax.model import dense
+    from pass_jax.backends import default_ops
 
+    dense = default_ops().dense  # the products a decode pass runs on this machine
     nq = cfg.num_heads * cfg.head_dim
     f = cfg.intermediate_size
 

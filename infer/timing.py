@@ -19,7 +19,7 @@ def machine(**extra) -> dict:
     16-token pass cost 2.8x a 1-token pass on one 2-core machine here, 1.5x on another)."""
     import jax
 
-    from pass_jax.cpu_kernel import cpu_info
+    from pass_jax.backends.cpu.ffi import cpu_info
 
     info = cpu_info() or {"model name": platform.processor()}
     l3 = Path("/sys/devices/system/cpu/cpu0/cache/index3/size")

@@ -17,6 +17,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from .backends import resolve
 from .cache import CacheOverflowError
 from .config import ModelConfig
 from .decode import METHODS, VARIANTS, DecodePlan, DecodeSpec
@@ -188,11 +189,13 @@ def make_plan(model: Model, *, prompt_len: int, max_new_tokens: int = 64, method
               lookahead=None, variant: str = "tree", tree: DraftTree | str | None = None, temperature: float = 0.0,
               top_k: int = 0, top_p: float = 1.0, eos_token_id: int | Sequence[int] | None = None,
               max_len: int | None = None, draft_model: Model | None = None, allow_long: bool = False,
-              longest_prompt: int | None = None, mesh: Mesh | None = None):
+              longest_prompt: int | None = None, mesh: Mesh | None = None, backend="auto"):
     """(DecodePlan, look-ahead array) for prompts padded to `prompt_len` tokens: every argument
     checked, the look-ahead resolved (None = the untrained baseline) and cut to what the plan reads.
     Arguments as for `generate`; `longest_prompt` (default prompt_len) bounds the positions used; on a
-    `mesh` the plan pins its KV caches to the sharding rules (give it params placed by them)."""
+    `mesh` the plan pins its KV caches to the sharding rules (give it params placed by them). `backend`
+    ("auto", "xla", "cpu" or a pass_jax.ops.XlaOps) is the plan's implementation of the ops, fixed in
+    the plan (a static field): "auto" takes the CPU kernels on one CPU device where they build."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if variant not in VARIANTS:
@@ -275,7 +278,8 @@ def make_plan(model: Model, *, prompt_len: int, max_new_tokens: int = 64, method
             f"{longest} (padded to {prompt_len}) + max_new_tokens {max_new_tokens} + {spec.block_tokens} block "
             "entries; shorten the prompt, lower max_new_tokens, or raise max_len")
     last = None if allow_long else cfg.max_position_embeddings - 1
-    return DecodePlan(cfg, spec, max_len, draft_model.config if draft_model else None, mesh, last), lookahead
+    return DecodePlan(cfg, spec, max_len, draft_model.config if draft_model else None, mesh, last,
+                      resolve(backend)), lookahead
 
 
 def decode_fn(plan: DecodePlan):
@@ -312,7 +316,8 @@ def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_token_id: int | Sequence[int] | None = None,
              max_len: int | None = None, draft_model: Model | None = None,
              pad_prompts_to: int | None = None, tree: DraftTree | str | None = None,
-             chat: bool = False, allow_long: bool = False, mesh: Mesh | None = None) -> GenerationResult:
+             chat: bool = False, allow_long: bool = False, mesh: Mesh | None = None,
+             backend="auto") -> GenerationResult:
     """Generate `max_new_tokens` per prompt (fewer where a row meets EOS).
 
     method "ar" is plain autoregressive decoding; "pass" drafts with the look-ahead embeddings
@@ -328,7 +333,7 @@ def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]
     allow_long=True a warning. On a (data, model) `mesh` (sharding.make_mesh) the whole loop runs
     under one jit, rows split over "data" (the batch must be a multiple of it) and weights over
     "model" by sharding.LOGICAL_RULES; every process of a multi-process run calls it alike and gets
-    every row back.
+    every row back. `backend` as for `make_plan`.
     """
     ids = _tokenize(model, prompts, chat)
     if mesh is not None and len(ids) % mesh.shape["data"]:
@@ -339,7 +344,8 @@ def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]
     plan, lookahead = make_plan(
         model, prompt_len=tp, longest_prompt=max(lens), max_new_tokens=max_new_tokens, method=method, k=k,
         lookahead=lookahead, variant=variant, tree=tree, temperature=temperature, top_k=top_k, top_p=top_p,
-        eos_token_id=eos_token_id, max_len=max_len, draft_model=draft_model, allow_long=allow_long, mesh=mesh)
+        eos_token_id=eos_token_id, max_len=max_len, draft_model=draft_model, allow_long=allow_long, mesh=mesh,
+        backend=backend)
     padded = np.zeros((len(ids), tp), np.int32)
     for i, p in enumerate(ids):
         padded[i, :len(p)] = p

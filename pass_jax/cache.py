@@ -12,8 +12,9 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from . import cpu_kernel
+from .backends import resolve
 from .config import ModelConfig
+from .ops import XlaOps, write_block  # noqa: F401 -- write_block: the cache's writer, also for callers
 
 
 class CacheOverflowError(ValueError):
@@ -41,29 +42,16 @@ class KVCache:
         """Advance each row's length by counts[b] (entries already written by the last pass)."""
         return self.replace(lengths=self.lengths + counts.astype(jnp.int32))
 
-    def gather_path(self, path: jax.Array) -> KVCache:
+    def gather_path(self, path: jax.Array, ops: XlaOps | None = None) -> KVCache:
         """Move each row's accepted tree nodes into a contiguous prefix of its uncommitted block.
 
         path [B, P]: block slot of the accepted node at depth d (the root, slot 0, at d = 0). Entry
         lengths[b] + path[b, d] moves to lengths[b] + d; entries past the accepted depth are garbage
         that the next commit leaves invisible.
         """
-        idx = (self.lengths[:, None] + path)[:, :, None, None]
-
-        def move(buf):  # [B, S, KV, hd]
-            if cpu_kernel.applies_cache(buf):
-                return cpu_kernel.cache_move(buf, self.lengths, path)
-            return write_block(buf, jnp.take_along_axis(buf, idx, axis=1), self.lengths)
-
+        ops = resolve(ops)
+        move = lambda buf: ops.cache_move(buf, self.lengths, path)
         return self.replace(keys=tuple(map(move, self.keys)), values=tuple(map(move, self.values)))
-
-
-def write_block(buf: jax.Array, block: jax.Array, offsets: jax.Array) -> jax.Array:
-    """buf[b, offsets[b] : offsets[b] + T] = block[b] for every row b (in place under jit)."""
-    if block.ndim == 4 and cpu_kernel.applies_cache(buf):
-        return cpu_kernel.cache_write(buf, block, offsets)
-    return jax.vmap(lambda c, x, o: jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), o, axis=0))(
-        buf, block, offsets)
 
 
 def attention_mask(lengths: jax.Array, block_mask: jax.Array, max_len: int) -> jax.Array:

@@ -27,12 +27,13 @@ import numpy as np
 from flax import struct
 from jax.sharding import Mesh
 
-from . import cpu_kernel
+from .backends import resolve
 from .cache import KVCache, write_block
 from .config import ModelConfig
 from .lookahead import split_lookahead
 from .model import causal_block_mask, embed_tokens, forward, logits_from_hidden
 from .ngram import prompt_lookup, row_history
+from .ops import XlaOps
 from .sampling import DRAFT, EMIT, Sampler, position_keys, sample, top_k, verify, verify_tree
 from .sharding import constrain_cache
 from .tree import DraftTree
@@ -102,7 +103,7 @@ class Inputs:
     prefix: jax.Array | None = None  # deep look-ahead: [layers, 2, P, KV, hd] keys/values only look-aheads see
 
 
-def _forward(plan: DecodePlan, inp: Inputs, embeds, positions, mask, cache, n_real: int, visible=None):
+def _forward(plan: DecodePlan, inp: Inputs, embeds, positions, mask, cache, n_real: int, ops: XlaOps, visible=None):
     """The decoder over a block whose slots from n_real on are look-aheads (they alone see a deep prefix).
 
     Positions are clipped to the plan's last one: a draft block may reach past it near the end of a
@@ -110,10 +111,10 @@ def _forward(plan: DecodePlan, inp: Inputs, embeds, positions, mask, cache, n_re
     if plan.max_position is not None:
         positions = jnp.minimum(positions, plan.max_position)
     if inp.prefix is None or n_real >= embeds.shape[1]:  # no look-ahead rows: autoregressive decoding's graph
-        return forward(inp.params, plan.cfg, embeds, positions, mask, cache, visible=visible)
+        return forward(inp.params, plan.cfg, embeds, positions, mask, cache, visible=visible, ops=ops)
     rows = jnp.broadcast_to(jnp.arange(embeds.shape[1]) >= n_real, embeds.shape[:2])
     return forward(inp.params, plan.cfg, embeds, positions, mask, cache, visible=visible, prefix=inp.prefix,
-                   prefix_rows=rows)
+                   prefix_rows=rows, ops=ops)
 
 
 def block_layout(lengths, last_token, n_tok: int, n_la: int):
@@ -166,17 +167,17 @@ def _emit(state: DecodeState, spec: DecodeSpec, emitted, n_emit, pending, commit
 
 def _round(plan: DecodePlan, inp: Inputs, state: DecodeState, use_drafts: bool, use_la: bool) -> DecodeState:
     """One chain round: [pending token, drafts?, look-ahead block?]; verify, emit, take new drafts."""
-    params, spec, lookahead, row_keys = inp.params, plan.spec, inp.lookahead, inp.row_keys
+    params, spec, lookahead, row_keys, ops = inp.params, plan.spec, inp.lookahead, inp.row_keys, plan.round_ops
     b, k = state.pending.shape[0], spec.k
     n_drafts = state.n_drafts if use_drafts else jnp.zeros_like(state.n_drafts)
     drafts = state.drafts if use_drafts else state.drafts[:, :0]
-    embeds = embed_tokens(params, jnp.concatenate([state.pending[:, None], drafts], 1))
+    embeds = embed_tokens(params, jnp.concatenate([state.pending[:, None], drafts], 1), ops)
     n_tok = embeds.shape[1]
     if use_la:
         embeds = jnp.concatenate([embeds, jnp.broadcast_to(lookahead.astype(jnp.float32), (b,) + lookahead.shape)], 1)
     positions, mask = block_layout(state.cache.lengths, n_drafts, n_tok, k if use_la else 0)
-    hidden, cache = _forward(plan, inp, embeds, positions, mask, state.cache, n_tok)
-    logits = logits_from_hidden(params, hidden)
+    hidden, cache = _forward(plan, inp, embeds, positions, mask, state.cache, n_tok, ops)
+    logits = logits_from_hidden(params, hidden, ops)
     keys = position_keys(row_keys, state.out_len[:, None] + jnp.arange(n_tok)[None])
     probs = state.draft_probs if use_drafts else state.draft_probs[:, :0]
     a, nxt = verify(logits[:, :n_tok], drafts, probs, n_drafts, spec.sampler, keys)
@@ -202,7 +203,7 @@ def _tree_round(plan: DecodePlan, inp: Inputs, state: DecodeState, tree: DraftTr
     `tree` is spec.tree or spec.tree.without_ngram() (its first nodes, same look-ahead blocks);
     ngram = (tokens, valid) [B, tree.ngram] are the n-gram chain's candidates.
     """
-    params, spec = inp.params, plan.spec
+    params, spec, ops = inp.params, plan.spec, plan.round_ops
     k, b = spec.k, state.pending.shape[0]
     n, n_blocks = tree.num_nodes, tree.num_blocks(k)
     depth, ancestors = jnp.asarray(tree.depth), jnp.asarray(tree.ancestors)
@@ -216,15 +217,15 @@ def _tree_round(plan: DecodePlan, inp: Inputs, state: DecodeState, tree: DraftTr
         tokens.append(ngram[0])
         valid.append(ngram[1])
     tokens, valid = jnp.concatenate(tokens, 1), jnp.concatenate(valid, 1)
-    embeds = embed_tokens(params, tokens)
+    embeds = embed_tokens(params, tokens, ops)
     if n_blocks:
         blocks = jnp.tile(inp.lookahead.astype(jnp.float32), (n_blocks, 1))
         embeds = jnp.concatenate([embeds, jnp.broadcast_to(blocks, (b,) + blocks.shape)], 1)
     offsets, block_mask = tree.layout(k)
     hidden, cache = _forward(plan, inp, embeds, state.cache.lengths[:, None] + offsets[None],
-                             jnp.broadcast_to(block_mask, (b,) + block_mask.shape), state.cache, n)
+                             jnp.broadcast_to(block_mask, (b,) + block_mask.shape), state.cache, n, ops)
     keys = position_keys(inp.row_keys, state.out_len[:, None] + depth[None])[:, :, EMIT]
-    logits = logits_from_hidden(params, hidden)  # every slot at once: the head's weights are read once a round
+    logits = logits_from_hidden(params, hidden, ops)  # every slot at once: the head's weights are read once a round
     end, draws = verify_tree(logits[:, :n], tokens, valid, tree.parents, ancestors, spec.sampler, keys)
     a = depth[end]  # accepted drafts
     # path[b, d]: the accepted node at depth d; emit its drafts, then the model's draw at the end node
@@ -234,7 +235,7 @@ def _tree_round(plan: DecodePlan, inp: Inputs, state: DecodeState, tree: DraftTr
     drafted = jnp.take_along_axis(tokens, path, 1)
     emitted = jnp.where(d[None] == a[:, None], nxt[:, None], jnp.concatenate([drafted[:, 1:], drafted[:, :1]], 1))
     if np.any(tree.parents[1:] != np.arange(n - 1)):  # a chain's accepted path is already contiguous
-        cache = cache.gather_path(path)
+        cache = cache.gather_path(path, ops)
     live = ~state.done
     hits = jnp.sum(ancestors[end] & live[:, None], 0)  # the full tree's first n nodes are this tree's nodes
     state = state.replace(
@@ -259,17 +260,17 @@ def _prefill(plan: DecodePlan, inp: Inputs) -> DecodeState:
     params, cfg, spec, prompts = inp.params, plan.cfg, plan.spec, inp.prompts
     b, tp = prompts.shape
     use_la, k = spec.draft.lookahead, spec.k
+    # A prompt's entries must not depend on the cache buffer's length, which differs between methods:
+    # the backend's prefill variant of its ops (ops.for_prefill) sees to it.
+    ops = plan.backend.for_prefill()
     cache = KVCache.create(cfg, b, plan.max_len, params["embed"].dtype)
     last = inp.prompt_lens - 1
     positions, mask = block_layout(cache.lengths, last, tp, 0)
-    # The attention kernel at any length: a prompt's entries must not depend on the cache buffer's
-    # length, which differs between methods. Products past 64 rows stay XLA's, the same for every method.
-    with cpu_kernel.every_pass(products=False):
-        hidden, cache = _forward(plan, inp, embed_tokens(params, prompts), positions, mask, cache, tp)
-        if use_la:
-            la_hidden, cache = _prefill_lookahead(plan, inp, cache, last)
+    hidden, cache = _forward(plan, inp, embed_tokens(params, prompts, ops), positions, mask, cache, tp, ops)
+    if use_la:
+        la_hidden, cache = _prefill_lookahead(plan, inp, cache, last, ops)
     rows = jnp.arange(b)
-    logits = logits_from_hidden(params, hidden[rows, last])[:, None]
+    logits = logits_from_hidden(params, hidden[rows, last], ops)[:, None]
     zero = jnp.zeros((b,), jnp.int32)
     keys = position_keys(inp.row_keys, zero[:, None])
     _, first = verify(logits, prompts[:, :0], jnp.zeros((b, 0, 1)), zero, spec.sampler, keys)
@@ -282,25 +283,25 @@ def _prefill(plan: DecodePlan, inp: Inputs) -> DecodeState:
         node_hits=jnp.zeros((spec.tree.num_nodes,), jnp.int32) if spec.is_tree else None,
         ngram_rows=jnp.int32(0) if spec.is_tree and spec.tree.ngram else None)
     if use_la and spec.is_tree:
-        top = top_k(logits_from_hidden(params, la_hidden), spec.tree.max_rank)[1]
+        top = top_k(logits_from_hidden(params, la_hidden, ops), spec.tree.max_rank)[1]
         state = state.replace(top_candidates=top.astype(jnp.int32), n_drafts=jnp.full((b,), k, jnp.int32))
     elif use_la:
-        new, q = _drafts_from_logits(logits_from_hidden(params, la_hidden), spec, inp.row_keys,
+        new, q = _drafts_from_logits(logits_from_hidden(params, la_hidden, ops), spec, inp.row_keys,
                                      jnp.ones((b,), jnp.int32))
         state = state.replace(drafts=new, draft_probs=q.astype(jnp.float32), n_drafts=jnp.full((b,), k, jnp.int32))
     return _emit(state, spec, first[:, None], jnp.ones_like(zero), first, commit=inp.prompt_lens)
 
 
-def _prefill_lookahead(plan: DecodePlan, inp: Inputs, cache: KVCache, last):
+def _prefill_lookahead(plan: DecodePlan, inp: Inputs, cache: KVCache, last, ops: XlaOps):
     """The look-ahead block after each row's last prompt token, as a pass of its own (written after the
     padded prompt, seeing the prompt up to `last`): the prompt's own pass is then exactly autoregressive
-    decoding's, whichever path (kernel or XLA) a pass of that size takes."""
+    decoding's, whichever implementation the backend takes for a pass of that size."""
     b, tp, k = inp.prompts.shape[0], inp.prompts.shape[1], plan.spec.k
     embeds = jnp.broadcast_to(inp.lookahead.astype(jnp.float32), (b,) + inp.lookahead.shape)
     slot, i = jnp.arange(cache.max_len)[None, None, :], jnp.arange(k)[None, :, None]
     visible = (slot <= last[:, None, None]) | ((slot >= tp) & (slot <= tp + i))
     after = cache.replace(lengths=jnp.full((b,), tp, jnp.int32))
-    hidden, after = _forward(plan, inp, embeds, last[:, None] + 1 + jnp.arange(k)[None], None, after, 0, visible)
+    hidden, after = _forward(plan, inp, embeds, last[:, None] + 1 + jnp.arange(k)[None], None, after, 0, ops, visible)
     return hidden, after.replace(lengths=cache.lengths)
 
 
@@ -310,14 +311,15 @@ def _draft_with_model(plan: DecodePlan, inp: Inputs, state: DecodeState) -> Deco
     It also consumes its k-th draft (k+1 passes), so its cache holds every token the target may
     accept; after verification its lengths are reset to the target's.
     """
-    params, cfg, spec = inp.draft_params, plan.draft_cfg, plan.spec
+    params, cfg, spec, ops = inp.draft_params, plan.draft_cfg, plan.spec, plan.round_ops
     b, k = state.pending.shape[0], spec.k
     ones = jnp.ones((b, 1, 1), bool)
 
     def one(i, carry):
         cache, token, drafts, probs = carry
-        hidden, cache = forward(params, cfg, embed_tokens(params, token[:, None]), cache.lengths[:, None], ones, cache)
-        new, q = _drafts_from_logits(logits_from_hidden(params, hidden), spec, inp.row_keys, state.out_len + i)
+        hidden, cache = forward(params, cfg, embed_tokens(params, token[:, None], ops), cache.lengths[:, None], ones,
+                                cache, ops=ops)
+        new, q = _drafts_from_logits(logits_from_hidden(params, hidden, ops), spec, inp.row_keys, state.out_len + i)
         drafts = jax.lax.dynamic_update_slice_in_dim(drafts, new, jnp.minimum(i, k - 1), 1)
         probs = jax.lax.dynamic_update_slice_in_dim(probs, q.astype(probs.dtype), jnp.minimum(i, k - 1), 1)
         keep = i < k  # the extra pass only writes the last draft into the cache
@@ -333,9 +335,9 @@ def _prefill_draft_model(plan: DecodePlan, inp: Inputs, state: DecodeState) -> D
     """The draft model's own cache over the prompts, at the target's lengths."""
     b, tp = inp.prompts.shape
     params, cfg = inp.draft_params, plan.draft_cfg
-    _, cache = forward(params, cfg, embed_tokens(params, inp.prompts), jnp.broadcast_to(jnp.arange(tp), (b, tp)),
-                       causal_block_mask(jnp.ones((b, tp), bool)),
-                       KVCache.create(cfg, b, plan.max_len, params["embed"].dtype))
+    _, cache = forward(params, cfg, embed_tokens(params, inp.prompts, plan.backend),
+                       jnp.broadcast_to(jnp.arange(tp), (b, tp)), causal_block_mask(jnp.ones((b, tp), bool)),
+                       KVCache.create(cfg, b, plan.max_len, params["embed"].dtype), ops=plan.backend)
     return state.replace(draft_cache=cache.replace(lengths=state.cache.lengths))
 
 
@@ -414,6 +416,17 @@ class DecodePlan:
     draft_cfg: ModelConfig | None = None
     mesh: Mesh | None = None  # a (data, model) mesh: the KV caches are pinned to sharding.CACHE_AXES
     max_position: int | None = None  # the last RoPE position a pass may use (None: any)
+    ops: XlaOps | None = None  # the backend (pass_jax.ops; None: backends.default_ops(), this process's choice)
+
+    @property
+    def backend(self) -> XlaOps:
+        return resolve(self.ops)
+
+    @property
+    def round_ops(self) -> XlaOps:
+        """The ops every round is traced with (ops.for_rounds: a backend whose arithmetic depends on the
+        pass size makes a token's arithmetic in a verify pass a 1-token step's here)."""
+        return self.backend.for_rounds()
 
     def _pin(self, state: DecodeState) -> DecodeState:
         """On a mesh, keep the loop carry's KV caches split by the rules (rows over "data", KV heads
@@ -432,6 +445,5 @@ class DecodePlan:
         state = _prefill(self, inp)
         if method.prefill is not None:
             state = method.prefill(self, inp, state)
-        with cpu_kernel.every_pass():  # every round's arithmetic per token is a 1-token step's
-            return jax.lax.while_loop(lambda st: ~jnp.all(st.done), lambda st: self._pin(method.round(self, inp, st)),
-                                      self._pin(state))
+        return jax.lax.while_loop(lambda st: ~jnp.all(st.done), lambda st: self._pin(method.round(self, inp, st)),
+                                  self._pin(state))

@@ -5,38 +5,22 @@ Params are a plain dict: {"embed": [V, D], "norm": [D], "lm_head": [D, V] (absen
 "gate_up" [D, 2F], "down"}, ...]}. q/k/v and gate/up are fused so a decode step streams each
 layer's weights in as few matrix-vector products as possible. Layers are a Python list, unrolled
 under jit: a scan over stacked layers would copy each layer's slice on the CPU backend.
+
+Products, embedding rows, RoPE, attention and cache writes go through `ops` (pass_jax.ops: XLA's
+ops, or a backend's; None = `backends.default_ops()`, this process's choice).
 """
 
 from __future__ import annotations
 
-import functools
-import math
-
 import jax
 import jax.numpy as jnp
 
-from . import cpu_kernel
-from .cache import KVCache, attention_mask, key_positions, write_block
+from .backends import resolve
+from .cache import KVCache, attention_mask, key_positions
 from .config import ModelConfig, rope_inv_freq
+from .ops import XlaOps, rotate_half_rope
 
 Params = dict
-
-
-def dense(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x @ w accumulated in float32 whatever the weight dtype.
-
-    A decode pass's few-row products on one CPU device go through pass-jax's own kernel
-    (cpu_kernel.py). Otherwise XLA's dot; there a one-row bfloat16 product takes a slow path on
-    the CPU (~1.7x the time of two rows), so a lone row is doubled and the copy dropped.
-    """
-    if cpu_kernel.applies(x, w):
-        return cpu_kernel.dense(x, w)
-    x = x.astype(w.dtype)
-    if w.dtype == jnp.bfloat16 and math.prod(x.shape[:-1]) == 1 and jax.default_backend() == "cpu":
-        flat = x.reshape(1, -1)
-        y = jnp.dot(jnp.concatenate([flat, flat]), w, preferred_element_type=jnp.float32)[:1]
-        return y.reshape(x.shape[:-1] + (w.shape[-1],))
-    return jnp.dot(x, w, preferred_element_type=jnp.float32)
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
@@ -58,216 +42,12 @@ def _sum_in_fixed_order(v: jax.Array) -> jax.Array:
 
 def apply_rope(x: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Array:
     """Rotate-half RoPE as in Hugging Face Llama; x [B, T, heads, hd], positions [B, T]."""
-    angles = positions[..., None].astype(jnp.float32) * jnp.asarray(rope_inv_freq(cfg))  # [B, T, hd/2]
-    cos = jnp.cos(jnp.concatenate([angles, angles], -1))[:, :, None, :]
-    sin = jnp.sin(jnp.concatenate([angles, angles], -1))[:, :, None, :]
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], -1)
-    return x * cos + rotated * sin
+    return rotate_half_rope(x, positions, jnp.asarray(rope_inv_freq(cfg)))
 
 
-def split_qkv(qkv: jax.Array, positions: jax.Array, cfg: ModelConfig):
-    """q [B, T, H, hd] and k [B, T, KV, hd] with RoPE applied, and v, from a layer's fused output.
-
-    A decode pass on one CPU device rotates in one kernel call (cpu_kernel.rope): XLA fuses RoPE's
-    ops into q's and k's consumers differently for 1-token and many-token passes, so a token's q and
-    k came out a bit apart between the two, enough to flip a bfloat16 rounding, then a near-tied
-    greedy token."""
-    b, t, _ = qkv.shape
-    nq, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    heads = qkv.reshape(b, t, nq + 2 * nkv, hd)
-    if cpu_kernel.applies_rope(heads):
-        heads = cpu_kernel.rope(heads, positions, jnp.asarray(rope_inv_freq(cfg)), nq + nkv)
-        return heads[:, :, :nq], heads[:, :, nq:nq + nkv], heads[:, :, nq + nkv:]
-    return (apply_rope(heads[:, :, :nq], positions, cfg), apply_rope(heads[:, :, nq:nq + nkv], positions, cfg),
-            heads[:, :, nq + nkv:])
-
-
-def embed_tokens(params: Params, tokens: jax.Array) -> jax.Array:
-    """The rows of `tokens`, in float32 (a bfloat16 table's through cpu_kernel.rows on the CPU)."""
-    if cpu_kernel.applies_rows(params["embed"]):
-        return cpu_kernel.rows(params["embed"], tokens)
-    return params["embed"][tokens].astype(jnp.float32)
-
-
-def _attention(q, keys, values, mask, cfg: ModelConfig, prefix=None, prefix_rows=None, local=None):
-    """Grouped-query attention of q [B, T, H, hd] over the whole buffer keys/values [B, S, KV, hd].
-
-    Each KV head's T x groups queries are one block of rows [B, KV, T * groups, hd]. A decode pass on
-    one CPU device attends in one kernel call per layer (cpu_kernel.py); otherwise `_attend`'s XLA ops.
-    local = (keys, values [B, T, KV, hd], n): the pass's own entries, which are not in the buffer, seen
-    in blocks of n slots (training's look-ahead blocks; see `forward`): on one CPU device, forward and
-    gradient are one kernel call each (`_block_attention`).
-    prefix ([2, P, KV, hd] keys and values, deep look-ahead) is seen by the rows where prefix_rows [B, T]."""
-    if local is not None and cpu_kernel.applies_block_attention(q, keys):
-        return _block_attention(local[2], q, keys, values, mask, local[0], local[1], prefix, prefix_rows)
-    return _attention_xla(q, keys, values, mask, prefix, prefix_rows, local)
-
-
-def _attention_xla(q, keys, values, mask, prefix=None, prefix_rows=None, local=None):
-    b, t, nq, hd = q.shape
-    kv, groups = keys.shape[2], nq // keys.shape[2]
-    rows = q.reshape(b, t, kv, groups, hd).astype(keys.dtype).transpose(0, 2, 1, 3, 4).reshape(b, kv, t * groups, hd)
-    kernel = cpu_kernel.applies_attention(rows, keys, mask)
-    if kernel and prefix is not None and local is None and prefix.shape[1] <= cpu_kernel.MAX_PREFIX:  # one softmax
-        out = _attend_folded_kernel(rows, keys, values, mask, prefix.astype(keys.dtype), prefix_rows)
-        return out.reshape(b, kv, t, groups, hd).transpose(0, 2, 1, 3, 4).reshape(b, t, nq * hd)
-    out, top, mass = (_attend_kernel if kernel else _attend)(rows, keys, values, mask)
-    seen = None if prefix is None else (prefix.astype(keys.dtype), jnp.repeat(prefix_rows, groups, axis=1))
-    if local is not None:  # the prefix joins each block's own keys: one small softmax instead of a fold
-        out, top, mass = _merge((out, top, mass), _attend_local(rows, *local, seen))
-    elif prefix is not None:
-        out = _fold_prefix(rows, top, mass, out, *seen)
-    return out.reshape(b, kv, t, groups, hd).transpose(0, 2, 1, 3, 4).reshape(b, t, nq * hd)
-
-
-def _block_attention(n, q, keys, values, visible, local_k, local_v, prefix, prefix_rows):
-    """`_attention_xla` with local blocks of n, by the CPU kernels (cpu_kernel.block_attention)."""
-    b, t, nq, hd = q.shape
-    if prefix is None:  # P = 0 entries
-        prefix = jnp.zeros((2, 0, *keys.shape[2:]), jnp.float32)
-    if prefix_rows is None:
-        prefix_rows = jnp.ones((b, t), bool)
-    return _block_kernel(n, q, keys, values, visible, local_k, local_v, prefix, prefix_rows).reshape(b, t, nq * hd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _block_kernel(n, q, keys, values, visible, local_k, local_v, prefix, prefix_rows):
-    return cpu_kernel.block_attention(n, q, keys, values, visible, local_k, local_v, prefix, prefix_rows)[0]
-
-
-def _block_kernel_fwd(n, *args):
-    out, lse = cpu_kernel.block_attention(n, *args)
-    return out, (args, out, lse)
-
-
-def _block_kernel_bwd(n, res, g):
-    """The kernel's gradient for queries, block entries and prefix; the cache's through XLA's ops, which
-    XLA drops where the cache is a constant (training: the real tokens' pass has no gradient)."""
-    args, out, lse = res
-    q, keys, values, visible, local_k, local_v, prefix, prefix_rows = args
-    dq, d_local_k, d_local_v, d_prefix = cpu_kernel.block_attention_grad(n, *args, out, lse, g)
-    _, vjp = jax.vjp(lambda k, v: _attention_xla(q, k, v, visible, prefix if prefix.shape[1] else None, prefix_rows,
-                                                 (local_k, local_v, n)).reshape(out.shape), keys, values)
-    d_keys, d_values = vjp(g)
-    cast = lambda d, x: d.astype(x.dtype)
-    return (cast(dq, q), d_keys, d_values, None, cast(d_local_k, local_k), cast(d_local_v, local_v),
-            cast(d_prefix, prefix), None)
-
-
-_block_kernel.defvjp(_block_kernel_fwd, _block_kernel_bwd)
-
-
-def _attend(rows, keys, values, mask):
-    """rows [B, KV, R, hd] over keys/values [B, S, KV, hd] where mask [B, T, S] (R = T x groups, rows
-    ordered (t, group)) as XLA ops: two batched products over [B, KV] (1.5-1.8x faster on the CPU than
-    batching over [B, KV, groups] in bfloat16). Returns out [B, KV, R, hd] float32 and, per row, the
-    max score and sum of exp(score - max) over the softmax."""
-    hd, groups = rows.shape[-1], rows.shape[2] // mask.shape[1]
-    keys_t, values_t = keys.transpose(0, 2, 1, 3), values.transpose(0, 2, 1, 3)  # [B, KV, S, hd]
-    scores = jnp.einsum("bkrd,bksd->bkrs", rows, keys_t, preferred_element_type=jnp.float32) * (hd ** -0.5)
-    scores = jnp.where(jnp.repeat(mask, groups, axis=1)[:, None], scores, -1e30)
-    top = scores.max(-1)
-    probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bkrs,bksd->bkrd", probs.astype(values.dtype), values_t, preferred_element_type=jnp.float32)
-    return out, top, jnp.sum(jnp.exp(scores - top[..., None]), -1)
-
-
-def _attend_local(rows, keys, values, n: int, prefix=None):
-    """rows [B, KV, T * groups, hd] over the pass's own keys/values [B, T, KV, hd], cut into blocks of n
-    slots: a row sees the slots of its block up to its own, and, given prefix = (keys/values [2, P, KV,
-    hd], seen [B, R]), the P prefix entries where seen. Returns (out, top, mass) as `_attend` does."""
-    b, kv, r, hd = rows.shape
-    t = keys.shape[1]
-    groups, blocks = r // t, t // n
-    q = rows.reshape(b, kv, blocks, n * groups, hd)
-    kb, vb = (x.astype(rows.dtype).transpose(0, 2, 1, 3).reshape(b, kv, blocks, n, hd) for x in (keys, values))
-    scores = jnp.einsum("bkpqd,bkpjd->bkpqj", q, kb, preferred_element_type=jnp.float32)
-    sees = jnp.broadcast_to(jnp.arange(n * groups)[:, None] // groups >= jnp.arange(n)[None, :],  # query slot >= key slot
-                            (b, 1, blocks, n * groups, n))
-    if prefix is not None:  # its scores join the block's (the P entries are shared: never copied per block)
-        (pk, pv), seen = prefix[0].astype(rows.dtype), prefix[1]
-        scores = jnp.concatenate([jnp.einsum("bkpqd,jkd->bkpqj", q, pk, preferred_element_type=jnp.float32), scores], -1)
-        sees = jnp.concatenate([jnp.broadcast_to(seen.reshape(b, 1, blocks, n * groups, 1), sees.shape[:-1] + (pk.shape[0],)),
-                                sees], -1)
-    scores = jnp.where(sees, scores * (hd ** -0.5), -1e30)
-    top = scores.max(-1)
-    weights = jnp.exp(scores - top[..., None])
-    mass = weights.sum(-1)
-    p = 0 if prefix is None else prefix[0].shape[1]
-    out = jnp.einsum("bkpqj,bkpjd->bkpqd", weights[..., p:].astype(vb.dtype), vb, preferred_element_type=jnp.float32)
-    if prefix is not None:
-        out = out + jnp.einsum("bkpqj,jkd->bkpqd", weights[..., :p].astype(pv.dtype), pv, preferred_element_type=jnp.float32)
-    return (out / mass[..., None]).reshape(b, kv, r, hd), top.reshape(b, kv, r), mass.reshape(b, kv, r)
-
-
-def _merge(a, b):
-    """One softmax over two disjoint key sets, from each set's (out, max score, mass)."""
-    (out_a, top_a, mass_a), (out_b, top_b, mass_b) = a, b
-    top = jnp.maximum(top_a, top_b)
-    wa, wb = mass_a * jnp.exp(top_a - top), mass_b * jnp.exp(top_b - top)
-    return (wa[..., None] * out_a + wb[..., None] * out_b) / (wa + wb)[..., None], top, wa + wb
-
-
-@jax.custom_vjp
-def _attend_kernel(rows, keys, values, mask):
-    return cpu_kernel.attention(rows, keys, values, mask)
-
-
-def _attend_kernel_fwd(rows, keys, values, mask):
-    return _attend_kernel(rows, keys, values, mask), (rows, keys, values, mask)
-
-
-def _attend_kernel_bwd(res, g):  # through XLA's ops: gradients only flow in training
-    rows, keys, values, mask = res
-    _, vjp = jax.vjp(lambda r, k, v: _attend(r, k, v, mask), rows, keys, values)
-    return (*vjp(g), None)
-
-
-_attend_kernel.defvjp(_attend_kernel_fwd, _attend_kernel_bwd)
-
-
-@jax.custom_vjp
-def _attend_folded_kernel(rows, keys, values, mask, prefix, prefix_rows):
-    """`_attend` then `_fold_prefix` as one kernel call (decode passes with a deep look-ahead)."""
-    return cpu_kernel.attention(rows, keys, values, mask, prefix, prefix_rows)[0]
-
-
-def _attend_folded_xla(rows, keys, values, mask, prefix, prefix_rows):
-    out, top, mass = _attend(rows, keys, values, mask)
-    return _fold_prefix(rows, top, mass, out, prefix, jnp.repeat(prefix_rows, rows.shape[2] // mask.shape[1], axis=1))
-
-
-def _attend_folded_fwd(*args):
-    return _attend_folded_kernel(*args), args
-
-
-def _attend_folded_bwd(res, g):  # through XLA's ops, as `_attend_kernel`'s
-    rows, keys, values, mask, prefix, prefix_rows = res
-    _, vjp = jax.vjp(lambda r, k, v, p: _attend_folded_xla(r, k, v, mask, p, prefix_rows), rows, keys, values, prefix)
-    dr, dk, dv, dp = vjp(g)
-    return dr, dk, dv, None, dp, None
-
-
-_attend_folded_kernel.defvjp(_attend_folded_fwd, _attend_folded_bwd)
-
-
-def _fold_prefix(rows, top, mass, out, prefix, seen):
-    """Attention over the cache plus P learned keys/values (deep look-ahead), as one softmax over both.
-
-    The cache part is already normalized (out, with its max score `top` and mass sum(exp(score - top)));
-    the prefix joins it by log-sum-exp weights, so the cache is never copied (concatenating P entries
-    to it copied the whole buffer in every layer of every pass). Rows where `seen` is false keep `out`
-    bit for bit: real tokens compute exactly what they do without a prefix. rows [B, KV, R, hd]
-    queries, top and mass [B, KV, R], out [B, KV, R, hd], prefix [2, P, KV, hd], seen [B, R].
-    """
-    pscores = jnp.einsum("bkrd,pkd->bkrp", rows, prefix[0], preferred_element_type=jnp.float32) * (rows.shape[-1] ** -0.5)
-    both = jnp.maximum(top, pscores.max(-1))[..., None]  # [B, KV, R, 1]
-    cache_mass = (mass * jnp.exp(top - both[..., 0]))[..., None]
-    pweights = jnp.exp(pscores - both)
-    pout = jnp.einsum("bkrp,pkd->bkrd", pweights.astype(prefix.dtype), prefix[1], preferred_element_type=jnp.float32)
-    folded = (cache_mass * out + pout) / (cache_mass + pweights.sum(-1, keepdims=True))
-    return jnp.where(seen[:, None, :, None], folded, out)
+def embed_tokens(params: Params, tokens: jax.Array, ops: XlaOps | None = None) -> jax.Array:
+    """The rows of `tokens`, in float32."""
+    return resolve(ops).embed(params["embed"], tokens)
 
 
 @jax.custom_vjp
@@ -299,7 +79,8 @@ swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 def forward(params: Params, cfg: ModelConfig, embeds: jax.Array, positions: jax.Array,
             block_mask: jax.Array, cache: KVCache, visible: jax.Array | None = None, prefix: jax.Array | None = None,
-            prefix_rows: jax.Array | None = None, local_blocks: int | None = None) -> tuple[jax.Array, KVCache]:
+            prefix_rows: jax.Array | None = None, local_blocks: int | None = None,
+            ops: XlaOps | None = None) -> tuple[jax.Array, KVCache]:
     """Run a block of T new inputs through the decoder.
 
     embeds [B, T, D] (token embeddings or look-ahead vectors), positions [B, T] RoPE positions,
@@ -314,39 +95,41 @@ def forward(params: Params, cfg: ModelConfig, embeds: jax.Array, positions: jax.
     long as the real tokens, and no row scores the other blocks' entries).
     Returns the final-normed hidden states [B, T, D] and the cache with the block written.
     """
+    ops = resolve(ops)
     mask = attention_mask(cache.lengths, block_mask, cache.max_len) if visible is None else visible
     if cfg.sliding_window is not None:
         kpos = key_positions(cache.lengths, positions, cache.max_len)
         mask &= (positions[:, :, None] - kpos[:, None, :]) < cfg.sliding_window
+    b, t = embeds.shape[:2]
+    nq, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    inv_freq = jnp.asarray(rope_inv_freq(cfg))
     x = embeds.astype(jnp.float32)
     keys, values = list(cache.keys), list(cache.values)
     for i, layer in enumerate(params["layers"]):
-        qkv = dense(rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps), layer["qkv"])
+        qkv = ops.dense(rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps), layer["qkv"])
         if "qkv_bias" in layer:
             qkv = qkv + layer["qkv_bias"].astype(jnp.float32)
-        q, k, v = split_qkv(qkv, positions, cfg)
+        heads = ops.rope(qkv.reshape(b, t, nq + 2 * nkv, hd), positions, inv_freq, nq + nkv)  # q and k rotated
+        q, k, v = heads[:, :, :nq], heads[:, :, nq:nq + nkv], heads[:, :, nq + nkv:]
         local = None
         if local_blocks is None:
-            keys[i] = write_block(keys[i], k, cache.lengths)
-            values[i] = write_block(values[i], v, cache.lengths)
+            keys[i] = ops.cache_write(keys[i], k, cache.lengths)
+            values[i] = ops.cache_write(values[i], v, cache.lengths)
         else:
             local = (k, v, local_blocks)
-        attn = dense(_attention(q, keys[i], values[i], mask, cfg, None if prefix is None else prefix[i], prefix_rows,
-                                local), layer["o"])
+        attn = ops.dense(ops.attention(q, keys[i], values[i], mask, None if prefix is None else prefix[i], prefix_rows,
+                                       local), layer["o"])
         x = x + (attn + layer["o_bias"].astype(jnp.float32) if "o_bias" in layer else attn)
-        x = x + dense(swiglu(dense(rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps), layer["gate_up"])), layer["down"])
+        x = x + ops.dense(swiglu(ops.dense(rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps), layer["gate_up"])),
+                          layer["down"])
     hidden = rms_norm(x, params["norm"], cfg.rms_norm_eps)
     return hidden, cache.replace(keys=tuple(keys), values=tuple(values))
 
 
-def logits_from_hidden(params: Params, hidden: jax.Array) -> jax.Array:
+def logits_from_hidden(params: Params, hidden: jax.Array, ops: XlaOps | None = None) -> jax.Array:
     """float32 logits; a tied head reuses the embedding matrix."""
-    if "lm_head" in params:
-        return dense(hidden, params["lm_head"])
-    w = params["embed"]
-    if cpu_kernel.applies(hidden, w):
-        return cpu_kernel.dense(hidden, w, transposed=True)
-    return jnp.einsum("...d,vd->...v", hidden.astype(w.dtype), w, preferred_element_type=jnp.float32)
+    ops = resolve(ops)
+    return ops.dense(hidden, params["lm_head"]) if "lm_head" in params else ops.dense_t(hidden, params["embed"])
 
 
 def causal_block_mask(valid: jax.Array) -> jax.Array:

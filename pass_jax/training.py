@@ -16,10 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from .backends import resolve
 from .cache import KVCache
 from .config import ModelConfig
 from .lookahead import split_lookahead
 from .model import embed_tokens, forward, logits_from_hidden
+from .ops import XlaOps
 from .sampling import top_k
 
 LOSSES = ("ce", "distill", "topc")
@@ -81,23 +83,24 @@ class TrainLayout:
         return positions.astype(np.int32), mask, (t + 1 + i).astype(np.int32)
 
 
-def real_pass(params, cfg: ModelConfig, tokens) -> tuple[jax.Array, KVCache]:
+def real_pass(params, cfg: ModelConfig, tokens, ops: XlaOps | None = None) -> tuple[jax.Array, KVCache]:
     """The first of the loss's two passes: the real tokens [B, L], causal, without gradient.
 
     Returns their final hidden states [B, L, D] and their keys/values, committed. Nothing in it
     depends on the look-ahead, so a run whose rows recur (self-generated data, many epochs) can run
-    it once per row and hand it to `lookahead_loss` as `real`.
+    it once per row and hand it to `lookahead_loss` as `real`. `ops`: as for `model.forward`.
     """
     params = jax.lax.stop_gradient(params)
     b, length = tokens.shape
     causal = jnp.broadcast_to(jnp.tril(jnp.ones((length, length), bool)), (b, length, length))
-    hidden, cache = forward(params, cfg, embed_tokens(params, tokens), jnp.broadcast_to(jnp.arange(length), (b, length)),
-                            causal, KVCache.create(cfg, b, length, params["embed"].dtype))
+    hidden, cache = forward(params, cfg, embed_tokens(params, tokens, ops), jnp.broadcast_to(jnp.arange(length), (b, length)),
+                            causal, KVCache.create(cfg, b, length, params["embed"].dtype), ops=ops)
     return hidden, cache.commit(jnp.full((b,), length))
 
 
 def lookahead_loss(lookahead, params, cfg: ModelConfig, tokens, layout: TrainLayout, loss: str = "ce",
-                   decay: float = 1.0, target_mask=None, top_c: tuple[int, ...] | None = None, real=None):
+                   decay: float = 1.0, target_mask=None, top_c: tuple[int, ...] | None = None, real=None,
+                   ops: XlaOps | None = None):
     """Mean loss of the look-ahead predictions over a batch of token sequences [B, L].
 
     lookahead: [k, D] embeddings or a DeepLookahead (then its prefix is trained too).
@@ -129,12 +132,12 @@ def lookahead_loss(lookahead, params, cfg: ModelConfig, tokens, layout: TrainLay
     i = jnp.tile(jnp.arange(1, k + 1), n // k)[None]
     target_idx = t + 1 + i
     params = jax.lax.stop_gradient(params)
-    hidden, cache = jax.lax.stop_gradient(real_pass(params, cfg, tokens) if real is None else real)
+    hidden, cache = jax.lax.stop_gradient(real_pass(params, cfg, tokens, ops) if real is None else real)
     blocks = jnp.broadcast_to(jnp.tile(lookahead, (n // k, 1)), (b, n, lookahead.shape[1]))
     la_hidden, _ = forward(params, cfg, blocks, t + i, None, cache, visible=jnp.arange(length)[None, None] <= t[..., None],
                            prefix=prefix, prefix_rows=None if prefix is None else jnp.ones((b, n), bool),
-                           local_blocks=k)
-    logits = logits_from_hidden(params, la_hidden)  # [B, n, V]
+                           local_blocks=k, ops=ops)
+    logits = logits_from_hidden(params, la_hidden, ops)  # [B, n, V]
     targets = jnp.take_along_axis(tokens, target_idx, 1)
     if loss in ("ce", "topc"):
         per_target = -target_log_prob(logits, targets)
@@ -143,7 +146,7 @@ def lookahead_loss(lookahead, params, cfg: ModelConfig, tokens, layout: TrainLay
     else:
         student = jax.nn.log_softmax(logits, -1)
         before = jnp.take_along_axis(hidden, (target_idx - 1)[..., None], 1)  # the base model's state before each target
-        teacher = jax.nn.log_softmax(jax.lax.stop_gradient(logits_from_hidden(params, before)), -1)
+        teacher = jax.nn.log_softmax(jax.lax.stop_gradient(logits_from_hidden(params, before, ops)), -1)
         per_target = jnp.sum(jnp.exp(teacher) * (teacher - student), -1)
     weight = jnp.asarray(decay, jnp.float32) ** (i - 1) * jnp.repeat(real_targets, k, axis=1)
     if target_mask is not None:
@@ -198,16 +201,19 @@ def _top_c_hinge(scores, targets, top_c):
 
 
 def make_train_step(cfg: ModelConfig, layout: TrainLayout, loss: str, tx, replicated=None, decay: float = 1.0,
-                    top_c: tuple[int, ...] | None = None):
+                    top_c: tuple[int, ...] | None = None, ops: XlaOps | str | None = None):
     """A jitted step(leaf, opt_state, params, tokens, target_mask=None, real=None) -> (leaf, opt_state, loss) on
     the leaf only (real: the batch's `real_pass`, where the caller keeps them).
 
     `replicated` (a NamedSharding) keeps leaf and optimizer state replicated on a mesh, where GSPMD
-    would otherwise split them like the base weights they meet.
+    would otherwise split them like the base weights they meet. `ops` (as `make_plan`'s backend) is
+    fixed here, once: None or "auto" is `backends.default_ops()`.
     """
+    ops = resolve(ops)
+
     def step(lookahead, opt_state, params, tokens, target_mask=None, real=None):
         value, grad = jax.value_and_grad(lookahead_loss)(lookahead, params, cfg, tokens, layout, loss, decay,
-                                                         target_mask, top_c, real)
+                                                         target_mask, top_c, real, ops)
         updates, opt_state = tx.update(grad, opt_state, lookahead)
         return optax.apply_updates(lookahead, updates), opt_state, value
 

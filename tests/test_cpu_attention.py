@@ -1,12 +1,16 @@
-"""The CPU attention kernel (pass_jax/kernels/attention_cpu.cc) against the XLA ops it replaces."""
+"""The CPU attention kernels (pass_jax/backends/cpu/kernels/) against the XLA ops they replace."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pass_jax import cpu_kernel
-from pass_jax.model import _attend, _attend_kernel
+from pass_jax.backends.cpu import ffi as cpu_kernel
+from pass_jax.backends.cpu.ops import CpuOps, _attend_folded_xla, _block_attention
+from pass_jax.backends.cpu.ops import _attend as _attend_kernel
+from pass_jax.backends.cpu.ops import _attend_folded as _attend_folded_kernel
+from pass_jax.ops import XLA
+from pass_jax.ops import attend as _attend
 
 needs_kernel = pytest.mark.skipif(not cpu_kernel.available(), reason="kernel not built here (see the warning)")
 
@@ -90,7 +94,7 @@ def test_gradients_are_xlas():
 
 @needs_kernel
 def test_the_model_attends_with_the_kernel(monkeypatch):
-    """A decode pass's layers call the kernel; with it off they take XLA's ops and agree."""
+    """A decode pass's layers call the kernel (CpuOps); with XLA's ops they agree."""
     from pass_jax import model as M
     from pass_jax.cache import KVCache
     from pass_jax.config import ModelConfig
@@ -101,18 +105,18 @@ def test_the_model_attends_with_the_kernel(monkeypatch):
     cache = KVCache.create(cfg, 1, 48, jnp.float32).commit(jnp.asarray([10]))
     tokens = jnp.arange(3)[None]
 
-    def run():
-        hidden, _ = M.forward(params, cfg, M.embed_tokens(params, tokens), 10 + tokens, M.causal_block_mask(tokens >= 0),
-                              cache)
+    def run(ops):
+        hidden, _ = M.forward(params, cfg, M.embed_tokens(params, tokens, ops), 10 + tokens,
+                              M.causal_block_mask(tokens >= 0), cache, ops=ops)
         return np.asarray(hidden)
 
     calls = []
     real = cpu_kernel.attention
     monkeypatch.setattr(cpu_kernel, "attention", lambda *a: calls.append(1) or real(*a))
-    with_kernel = run()
+    with_kernel = run(CpuOps())
     assert len(calls) == cfg.num_layers
-    monkeypatch.setattr(cpu_kernel, "applies_attention", lambda *a: False)
-    np.testing.assert_allclose(run(), with_kernel, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(run(XLA), with_kernel, rtol=1e-5, atol=1e-5)
+    assert len(calls) == cfg.num_layers
 
 
 def _block_case(seed, b, t, n, kv, groups, s, hd, p):
@@ -135,8 +139,6 @@ def _block_case(seed, b, t, n, kv, groups, s, hd, p):
 @pytest.mark.parametrize("shape", [(2, 8, 4, 3, 3, 40, 64, 4), (1, 12, 3, 2, 2, 70, 32, 0), (2, 8, 2, 1, 4, 17, 128, 3)])
 def test_block_kernel_matches_xla_with_gradients(shape):
     """The kernel's output and its gradients for queries, block entries and prefix equal XLA's ops'."""
-    from pass_jax.model import _attention_xla, _block_attention
-
     b, t, n, kv, groups, _, hd, _ = shape
     q, keys, values, visible, local_k, local_v, prefix, prefix_rows = _block_case(0, *shape)
     cotangent = jnp.asarray(np.random.default_rng(1).standard_normal((b, t, kv * groups * hd)), jnp.float32)
@@ -146,7 +148,7 @@ def test_block_kernel_matches_xla_with_gradients(shape):
             if kernel:
                 out = _block_attention(n, q, keys, values, visible, local_k, local_v, prefix, prefix_rows)
             else:
-                out = _attention_xla(q, keys, values, visible, prefix, prefix_rows, (local_k, local_v, n))
+                out = XLA.attention(q, keys, values, visible, prefix, prefix_rows, (local_k, local_v, n))
             return jnp.sum(out * cotangent), out
         return jax.value_and_grad(f, argnums=(0, 1, 2) if prefix is None else (0, 1, 2, 3), has_aux=True)
 
@@ -162,7 +164,7 @@ def test_block_kernel_matches_xla_with_gradients(shape):
 @needs_kernel
 def test_training_takes_the_block_kernel(monkeypatch):
     """The look-ahead loss's layers call the block kernel once each, forward and gradient; with the
-    kernels off, XLA's ops give the same loss and gradient."""
+    XLA's ops (a plan or step's other backend) give the same loss and gradient."""
     from pass_jax import model as M
     from pass_jax.config import ModelConfig
     from pass_jax.lookahead import init_deep, init_lookahead
@@ -173,14 +175,15 @@ def test_training_takes_the_block_kernel(monkeypatch):
     params = M.init_params(cfg, jax.random.key(0))
     leaf = init_deep(init_lookahead(params, 3, "mean", key=jax.random.key(1)), cfg, 2, jax.random.key(2))
     tokens = jax.random.randint(jax.random.key(3), (2, 24), 0, cfg.vocab_size)
-    grad = jax.value_and_grad(lambda leaf: lookahead_loss(leaf, params, cfg, tokens, TrainLayout(24, 3, 2), "ce", 0.8))
+    def grad(ops):
+        return jax.jit(jax.value_and_grad(lambda leaf: lookahead_loss(leaf, params, cfg, tokens, TrainLayout(24, 3, 2),
+                                                                      "ce", 0.8, ops=ops)))
     calls = []
     real = cpu_kernel.block_attention
     monkeypatch.setattr(cpu_kernel, "block_attention", lambda *a: calls.append(1) or real(*a))
-    got = jax.jit(grad)(leaf)
+    got = grad(CpuOps())(leaf)
     assert len(calls) == cfg.num_layers
-    with cpu_kernel.off():  # traced inside: XLA's ops
-        want = jax.jit(grad)(leaf)
+    want = grad(XLA)(leaf)
     assert len(calls) == cfg.num_layers
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-5, atol=1e-6)
@@ -193,8 +196,6 @@ def test_prefix_folds_into_the_kernel(dtype, shape):
     """A deep look-ahead's prefix inside the kernel's softmax: XLA's attention-then-fold for the rows
     that see it (to bfloat16 rounding of the weights in bfloat16), and bit for bit the kernel without a
     prefix for the rows that do not (the real tokens of a PaSS pass)."""
-    from pass_jax.model import _attend_folded_kernel, _attend_folded_xla
-
     b, kv, t, groups, s, hd, p = shape
     rng = np.random.default_rng(3)
     rows, keys, values, mask = _case(rng, b, kv, t, groups, s, hd, dtype, rng.integers(1, s - t, b))
@@ -212,8 +213,6 @@ def test_prefix_folds_into_the_kernel(dtype, shape):
 
 @needs_kernel
 def test_prefix_fold_gradients_are_xlas():
-    from pass_jax.model import _attend_folded_kernel, _attend_folded_xla
-
     rng = np.random.default_rng(4)
     rows, keys, values, mask = _case(rng, 1, 2, 4, 2, 40, 32, jnp.float32, [20])
     prefix = jnp.asarray(rng.standard_normal((2, 3, 2, 32)), jnp.float32)

@@ -1,4 +1,5 @@
-"""The CPU product kernel (pass_jax/kernels/dense_cpu.cc) against float64 products, and its fallback."""
+"""The CPU product kernel (pass_jax/backends/cpu/kernels/dense_cpu.cc) against float64 products, its fallback,
+and the choice of backend: made once, by default_ops or a plan's field."""
 
 import os
 import subprocess
@@ -9,8 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pass_jax import cpu_kernel
-from pass_jax.model import dense, logits_from_hidden
+from pass_jax.backends.cpu import ffi as cpu_kernel
+from pass_jax.backends.cpu.ops import CpuOps
+from pass_jax.model import logits_from_hidden
+from pass_jax.ops import XLA
 
 needs_kernel = pytest.mark.skipif(not cpu_kernel.available(), reason="kernel not built here (see the warning)")
 
@@ -60,41 +63,74 @@ def test_model_products_take_the_kernel_and_keep_xla_gradients(monkeypatch):
     x = jnp.asarray(rng.standard_normal((2, 3, 64)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((64, 48)) * 0.1, jnp.float32)
     params = {"embed": jnp.asarray(rng.standard_normal((100, 64)) * 0.1, jnp.float32)}
-    assert cpu_kernel.applies(x, w)
-    assert "pass_jax_dense" in str(jax.jit(dense).lower(x, w).as_text())
+    assert "pass_jax_dense" in str(jax.jit(CpuOps().dense).lower(x, w).as_text())
 
-    def loss(x, w):
-        return jnp.sum(jnp.sin(dense(x, w))) + jnp.sum(jnp.cos(logits_from_hidden({**params, "embed": w.T}, x)))
+    def loss(ops):
+        return lambda x, w: (jnp.sum(jnp.sin(ops.dense(x, w)))
+                             + jnp.sum(jnp.cos(logits_from_hidden({**params, "embed": w.T}, x, ops))))
 
-    got = jax.grad(loss, argnums=(0, 1))(x, w)
-    monkeypatch.setattr(cpu_kernel, "applies", lambda *a: False)
-    assert "pass_jax_dense" not in str(jax.jit(lambda x, w: dense(x, w)).lower(x, w).as_text())
-    want = jax.grad(loss, argnums=(0, 1))(x, w)
+    got = jax.grad(loss(CpuOps()), argnums=(0, 1))(x, w)
+    assert "pass_jax_dense" not in str(jax.jit(XLA.dense).lower(x, w).as_text())
+    want = jax.grad(loss(XLA), argnums=(0, 1))(x, w)
     for g, h in zip(got, want):
         np.testing.assert_allclose(np.asarray(g), np.asarray(h), rtol=1e-5, atol=1e-5)
     batched = jax.vmap(lambda xi: cpu_kernel.dense(xi, w))(x)  # vmap runs the call row block by row block
     np.testing.assert_allclose(np.asarray(batched), _reference(x, w), rtol=1e-5, atol=1e-5)
 
 
-def test_many_rows_use_xla():
-    x = jnp.ones((cpu_kernel.MAX_ROWS + 1, 8))
-    assert not cpu_kernel.applies(x, jnp.ones((8, 8)))
+def test_many_rows_use_xla_except_in_the_rounds_ops():
+    """Past MAX_ROWS rows a product is XLA's (prefill, training); the decode rounds' ops take the kernel at
+    any size. Each variant is a distinct hashable value: a plan traced with one never serves another."""
+    x, w = jnp.ones((cpu_kernel.MAX_ROWS + 1, 8)), jnp.ones((8, 8))
+    ops = CpuOps()
+    assert "pass_jax_dense" not in jax.jit(ops.dense).lower(x, w).as_text()
+    assert "pass_jax_dense" not in jax.jit(ops.for_prefill().dense).lower(x, w).as_text()
+    assert "pass_jax_dense" in jax.jit(ops.for_rounds().dense).lower(x, w).as_text()
+    assert "pass_jax_dense" in jax.jit(ops.dense).lower(x[:cpu_kernel.MAX_ROWS], w).as_text()
+    assert len({ops, ops.for_prefill(), ops.for_rounds(), XLA, CpuOps()}) == 4 and ops == CpuOps()
 
 
 def _available_in_subprocess(env: dict) -> subprocess.CompletedProcess:
-    code = "from pass_jax import cpu_kernel; print('AVAILABLE', cpu_kernel.available())"
+    code = ("from pass_jax.backends import default_ops; from pass_jax.backends.cpu import ffi; "
+            "print('AVAILABLE', ffi.available(), default_ops().name)")
     return subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, env={**os.environ, **env},
                           timeout=300)
 
 
 def test_switched_off_quietly():
     done = _available_in_subprocess({"PASS_JAX_CPU_KERNEL": "0"})
-    assert "AVAILABLE False" in done.stdout
+    assert "AVAILABLE False xla" in done.stdout
     assert "kernel not used" not in done.stderr
 
 
 @pytest.mark.skipif(cpu_kernel._unavailable_reason() is not None, reason="kernel not buildable on this CPU")
 def test_a_failed_build_falls_back_with_one_warning(tmp_path):
     done = _available_in_subprocess({"CXX": "false", "PASS_JAX_KERNEL_CACHE": str(tmp_path)})
-    assert "AVAILABLE False" in done.stdout, done.stderr
+    assert "AVAILABLE False xla" in done.stdout, done.stderr
     assert done.stderr.count("CPU kernels not used") == 1, done.stderr
+
+
+@needs_kernel
+def test_the_backend_is_a_plan_field_and_changes_the_compiled_program():
+    """make_plan's backend is part of the plan (its jit key): the same request with "xla" compiles a
+    program without a kernel call, "auto" (here: the CPU kernels) one with them, and both decode alike.
+    (The context switch it replaced, read at trace time and in no cache key, let a kernel-compiled
+    program serve a call traced to be XLA's: the cache-write test compared the kernel with itself.)"""
+    import pass_jax as pj
+
+    from .conftest import tiny_model
+
+    m = tiny_model(vocab=40, hidden=64, layers=2, heads=2, kv_heads=1, seed=3)
+    prompts = jnp.asarray([[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]], jnp.int32)
+    args = (prompts, jnp.asarray([16], jnp.int32), jax.random.key(0))
+    texts, tokens = {}, {}
+    for backend in ("auto", "xla"):
+        plan, la = pj.make_plan(m, prompt_len=16, max_new_tokens=8, method="pass", k=2, backend=backend)
+        texts[backend] = jax.jit(plan).lower(m.params, la, *args).as_text()
+        tokens[backend] = pj.generate(m, prompts[0].tolist(), max_new_tokens=8, method="pass", k=2,
+                                      backend=backend).token_ids
+    assert pj.make_plan(m, prompt_len=16, backend="auto")[0] != pj.make_plan(m, prompt_len=16, backend="xla")[0]
+    assert "pass_jax_dense" in texts["auto"] and "pass_jax_" not in texts["xla"]
+    assert tokens["auto"] == tokens["xla"]
+    with pytest.raises(ValueError, match="backend must be one of auto, xla, cpu"):
+        pj.make_plan(m, prompt_len=16, backend="tpu")

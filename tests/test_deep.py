@@ -43,7 +43,9 @@ def test_prefix_changes_only_the_rows_that_see_it():
 def test_folded_prefix_is_one_softmax_over_prefix_and_cache():
     """The prefix joins attention by log-sum-exp weights (no cache copy): the same as attending to the P
     learned entries placed before the cache."""
-    from pass_jax.model import _attention
+    from pass_jax.backends import default_ops
+
+    attention = default_ops().attention
 
     m = tiny_model(vocab=29, layers=1, heads=4, kv_heads=2)
     cfg, rng = m.config, np.random.default_rng(1)
@@ -53,12 +55,12 @@ def test_folded_prefix_is_one_softmax_over_prefix_and_cache():
     prefix = jnp.asarray(rng.normal(size=(2, p, cfg.num_kv_heads, hd)) * 2, jnp.float32)
     mask = jnp.asarray(rng.random((b, t, s)) < 0.7).at[:, :, 0].set(True)
     rows = jnp.asarray([[True, False, True], [False, True, True]])
-    folded = _attention(q, keys, values, mask, cfg, prefix, rows)
-    both = _attention(q, jnp.concatenate([jnp.broadcast_to(prefix[0], (b,) + prefix.shape[1:]), keys], 1),
+    folded = attention(q, keys, values, mask, prefix, rows)
+    both = attention(q, jnp.concatenate([jnp.broadcast_to(prefix[0], (b,) + prefix.shape[1:]), keys], 1),
                       jnp.concatenate([jnp.broadcast_to(prefix[1], (b,) + prefix.shape[1:]), values], 1),
-                      jnp.concatenate([jnp.broadcast_to(rows[:, :, None], (b, t, p)), mask], 2), cfg)
+                     jnp.concatenate([jnp.broadcast_to(rows[:, :, None], (b, t, p)), mask], 2))
     np.testing.assert_allclose(folded, both, rtol=1e-5, atol=1e-5)
-    plain = _attention(q, keys, values, mask, cfg)
+    plain = attention(q, keys, values, mask)
     np.testing.assert_array_equal(np.where(rows[..., None], 0, folded), np.where(rows[..., None], 0, plain))
     assert float(jnp.max(jnp.abs(folded - plain))) > 1e-2
 

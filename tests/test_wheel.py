@@ -38,9 +38,9 @@ def test_bench_suite_runs_from_an_installed_wheel(tmp_path):
     res = subprocess.run([py, "-m", "infer", "bench", "--suite", "passes", "--models", "tiny", "--repeats", "1",
                           "--out", "passes.json"], cwd=work, capture_output=True, text=True, check=False)
     assert res.returncode == 0, res.stderr
-    from pass_jax import cpu_kernel
+    from pass_jax.backends.cpu import ffi
 
-    if cpu_kernel._unavailable_reason() is None:  # the kernel's C++ source ships in the wheel
+    if ffi._unavailable_reason() is None:  # the kernel's C++ source ships in the wheel
         assert "CPU kernels not used" not in res.stderr, res.stderr
     rows = json.loads((work / "passes.json").read_text())["rows"]
     assert [r["tokens"] for r in rows] == [1, 2, 4, 6, 8, 12, 16] and rows[0]["model"] == "llama-tiny"

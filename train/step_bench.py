@@ -14,7 +14,6 @@ run). JSON on stdout and in --out.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import itertools
 import json
@@ -43,7 +42,7 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def one_pass_loss(lookahead, params, cfg, tokens, layout, loss="ce", decay=1.0, target_mask=None):
+def one_pass_loss(lookahead, params, cfg, tokens, layout, loss="ce", decay=1.0, target_mask=None, ops=None):
     """The look-ahead loss as one pass over [real tokens, every block], differentiated whole: what
     `training.lookahead_loss` computed before its two-pass split (timed here, and the reference its
     tests compare against; a deep look-ahead's prefix is seen by the block rows only)."""
@@ -58,16 +57,17 @@ def one_pass_loss(lookahead, params, cfg, tokens, layout, loss="ce", decay=1.0, 
     positions, mask, target_idx = (jnp.asarray(a) for a in layout.arrays())
     b, n = tokens.shape[0], target_idx.shape[0]
     blocks = jnp.broadcast_to(jnp.tile(lookahead, (n // layout.k, 1)), (b, n, lookahead.shape[1]))
-    embeds = jnp.concatenate([embed_tokens(params, tokens), blocks], 1)
+    embeds = jnp.concatenate([embed_tokens(params, tokens, ops), blocks], 1)
     t = embeds.shape[1]
     hidden, _ = forward(params, cfg, embeds, jnp.broadcast_to(positions, (b, t)), jnp.broadcast_to(mask, (b, t, t)),
                         KVCache.create(cfg, b, t, params["embed"].dtype), prefix=prefix,
-                        prefix_rows=jnp.broadcast_to(jnp.arange(t) >= layout.seq_len, (b, t)))
-    student = jax.nn.log_softmax(logits_from_hidden(params, hidden[:, layout.seq_len:]), -1)
+                        prefix_rows=jnp.broadcast_to(jnp.arange(t) >= layout.seq_len, (b, t)), ops=ops)
+    student = jax.nn.log_softmax(logits_from_hidden(params, hidden[:, layout.seq_len:], ops), -1)
     if loss == "ce":
         per = -jnp.take_along_axis(student, tokens[:, target_idx][..., None], -1)[..., 0]
     else:
-        teacher = jax.lax.stop_gradient(jax.nn.log_softmax(logits_from_hidden(params, hidden[:, target_idx - 1]), -1))
+        teacher = jax.lax.stop_gradient(jax.nn.log_softmax(logits_from_hidden(params, hidden[:, target_idx - 1], ops),
+                                                           -1))
         per = jnp.sum(jnp.exp(teacher) * (teacher - student), -1)
     weight = jnp.broadcast_to(decay ** jnp.tile(jnp.arange(layout.k), n // layout.k), (b, n))
     if target_mask is not None:
@@ -111,8 +111,10 @@ def run(args) -> int:
 
     from infer.options import with_demo_defaults
     from infer.timing import machine
-    from pass_jax import cpu_kernel, load_model, untrained_lookahead
+    from pass_jax import load_model, untrained_lookahead
+    from pass_jax.backends import default_ops
     from pass_jax.lookahead import check_k, init_deep
+    from pass_jax.ops import XLA
     from pass_jax.training import TrainLayout, lookahead_loss, real_pass
 
     k = check_k(args.k)
@@ -131,16 +133,16 @@ def run(args) -> int:
         for stride in (int(s) for s in args.strides.split(",")):
             layout = TrainLayout(args.seq_len, k, stride, args.points)
             targets = args.batch_size * layout.num_points * k
-            two_pass = lambda la, p, x, real, layout=layout, cfg=cfg: lookahead_loss(
-                la, p, cfg, x, layout, "ce", real=real)
+            two_pass = lambda la, p, x, real, ops, layout=layout, cfg=cfg: lookahead_loss(
+                la, p, cfg, x, layout, "ce", real=real, ops=ops)
             runs = {"two_pass": (two_pass, None), "kept_real": (two_pass, kept)}
             if args.single_pass and not args.deep and args.points is None:
-                runs["single_pass"] = (lambda la, p, x, real, layout=layout, cfg=cfg: one_pass_loss(la, p, cfg, x, layout),
-                                       None)
+                runs["single_pass"] = (lambda la, p, x, real, ops, layout=layout, cfg=cfg: one_pass_loss(
+                    la, p, cfg, x, layout, ops=ops), None)
             for (name, (fn, real)), kernels in itertools.product(runs.items(), (True, False) if args.xla_too else (True,)):
-                with contextlib.nullcontext() if kernels else cpu_kernel.off():  # traced on the first call, inside
-                    secs = _time_step(fn, la, params, tokens, args.repeats, real)
-                row = {"dtype": dtype, "stride": stride, "formulation": name, "cpu_kernels": kernels and cpu_kernel.available(),
+                ops = default_ops() if kernels else XLA  # a field of each step's ops: part of its jit key
+                secs = _time_step(functools.partial(fn, ops=ops), la, params, tokens, args.repeats, real)
+                row = {"dtype": dtype, "stride": stride, "formulation": name, "cpu_kernels": ops.name == "cpu",
                        "seconds_per_step": secs,
                        "tokens_per_second": args.batch_size * args.seq_len / secs,
                        "lookahead_targets_per_second": targets / secs}

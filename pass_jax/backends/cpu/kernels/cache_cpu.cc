@@ -6,9 +6,9 @@
 // 128, 21.0 ms with 2048; float32 22.0 -> 22.7 ms). Here a write touches only the entries it
 // writes; the buffer is the call's output (aliased), so nothing else is copied.
 //
-// write: buf[b, o : o + T] = bfloat16(block[b]) with o = clamp(offsets[b], 0, S - T), as XLA's
-//   dynamic-update-slice clamps its start; float32 -> bfloat16 rounds to nearest even, as XLA's
-//   convert does.
+// write: buf[b, o : o + T] = bfloat16(block[b]) with o = clamp(offsets[b], 0, S - T), a negative
+//   offset counted from the end first, as jax's dynamic_update_slice takes its start; float32 ->
+//   bfloat16 rounds to nearest even, as XLA's convert does.
 // move: buf[b, o + d] = buf[b, lengths[b] + path[b, d]] for every d (all read before any write),
 //   o = clamp(lengths[b], 0, S - P): KVCache.gather_path. A slot past the buffer reads as NaN, as
 //   jnp.take_along_axis fills it.
@@ -37,7 +37,8 @@ ffi::Error Write(ffi::AnyBuffer buf, ffi::Buffer<ffi::F32> block, ffi::Buffer<ff
   auto* o = reinterpret_cast<uint16_t*>(out->untyped_data());
   const float* x = block.typed_data();
   for (int64_t b = 0; b < B; ++b) {
-    const int64_t start = std::clamp<int64_t>(offsets.typed_data()[b], 0, S - T);
+    const int64_t offset = offsets.typed_data()[b];
+    const int64_t start = std::clamp<int64_t>(offset < 0 ? offset + S : offset, 0, S - T);
     uint16_t* dst = o + (b * S + start) * E;
     const float* src = x + b * T * E;
     for (int64_t i = 0; i < T * E; ++i) dst[i] = to_bf16(src[i]);

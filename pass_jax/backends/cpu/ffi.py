@@ -1,4 +1,4 @@
-"""The CPU kernels of decode passes (kernels/), built on first use: few-row products and attention.
+"""The CPU kernels (kernels/) as XLA FFI calls, built on first use: few-row products, attention, RoPE, rows.
 
 XLA's CPU dot streams a one-row product below memory speed, costs ~2x at two rows (its
 matrix-matrix kernel), and takes a pathological path for a one-row bfloat16 product. Decoding is
@@ -11,17 +11,15 @@ is RoPE (rope_cpu.cc), which XLA fused differently into passes of different size
 compiled once per machine
 with the system C++ compiler (-march=native) into ~/.cache/pass-jax/kernels and registered as an
 XLA FFI target. Where it cannot be built (no compiler, no AVX-512, not x86-64) or
-PASS_JAX_CPU_KERNEL=0, the model falls back to XLA's ops, with one warning naming the reason.
+PASS_JAX_CPU_KERNEL=0, `backends.default_ops` keeps XLA's ops, with one warning naming the reason.
+This module only builds, registers and calls them; `backends.cpu.ops.CpuOps` decides when.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import ctypes
 import functools
 import hashlib
-import math
 import os
 import platform
 import subprocess
@@ -34,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-KERNELS = Path(__file__).with_name("kernels")
+KERNELS = Path(__file__).with_name("kernels")  # the C++ sources
 SOURCES = ("dense_cpu.cc", "attention_cpu.cc", "block_attention_cpu.cc", "rows_cpu.cc", "cache_cpu.cc",
            "rope_cpu.cc")  # with common.h
 TARGETS = {False: "pass_jax_dense", True: "pass_jax_dense_t"}  # w [K, N]; w [N, K] (tied head)
@@ -45,8 +43,6 @@ CACHE = ("pass_jax_cache_write", "pass_jax_cache_move")
 ROPE = "pass_jax_rope"
 MAX_PREFIX = 64  # deep look-ahead prefix entries the attention kernel folds in (init_deep allows up to 64)
 MAX_ROWS = 64  # up to here the kernel is at least as fast as XLA's dot; past it (prefill, training) XLA's GEMM
-_EVERY_PASS = contextvars.ContextVar("pass_jax_kernels_every_pass", default=frozenset())
-_OFF = contextvars.ContextVar("pass_jax_kernels_off", default=False)
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-std=c++20", "-shared", "-fPIC"]
 
 
@@ -130,43 +126,9 @@ def available() -> bool:
     return False
 
 
-@contextlib.contextmanager
-def every_pass(products: bool = True):
-    """Inside (at trace time) the kernels take passes of any size, not only up to MAX_ROWS rows
-    (with products=False only the attention kernel). The decode loop traces its rounds inside, so a
-    token is computed by the same arithmetic in a 1-token step and in a verify pass of any size, and
-    the prefill attends inside, so a prompt's entries do not depend on the cache buffer's length
-    (which differs between methods): greedy PaSS stays autoregressive decoding bit for bit."""
-    token = _EVERY_PASS.set(frozenset({"attention", "products"} if products else {"attention"}))
-    try:
-        yield
-    finally:
-        _EVERY_PASS.reset(token)
-
-
-@contextlib.contextmanager
-def off():
-    """Inside (at trace time) no kernel applies: XLA's ops everywhere, to compare against."""
-    token = _OFF.set(True)
-    try:
-        yield
-    finally:
-        _OFF.reset(token)
-
-
-def _usable() -> bool:
-    """What every kernel needs: not traced inside `off()`, one CPU device, the library built."""
-    return not _OFF.get() and jax.default_backend() == "cpu" and jax.device_count() == 1 and available()
-
-
-def _few_rows(rows: int, kind: str) -> bool:
-    return rows <= MAX_ROWS or kind in _EVERY_PASS.get()
-
-
-def applies(x: jax.Array, w: jax.Array) -> bool:
-    """Use the kernel for this product: an unsharded CPU product of a few rows (any inside `every_pass`)."""
-    return (w.ndim == 2 and w.dtype in (jnp.float32, jnp.bfloat16) and _few_rows(math.prod(x.shape[:-1]), "products")
-            and _usable())
+def dense_applies(w: jax.Array) -> bool:
+    """The product kernel takes this weight: a float32 or bfloat16 matrix (any row count; CpuOps limits it)."""
+    return w.ndim == 2 and w.dtype in (jnp.float32, jnp.bfloat16)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -199,15 +161,15 @@ def dense(x: jax.Array, w: jax.Array, transposed: bool = False) -> jax.Array:
     return _kernel(x2, w, transposed).reshape(x.shape[:-1] + (n,))
 
 
-def applies_rows(table: jax.Array) -> bool:
-    """Read embedding rows with the kernel: a bfloat16 table, unsharded, on the CPU (XLA would widen
-    the whole table to gather from it)."""
-    return table.ndim == 2 and table.dtype == jnp.bfloat16 and _usable()
+def rows_apply(table: jax.Array) -> bool:
+    """Read embedding rows with the kernel: a bfloat16 table (XLA would widen the whole table to gather
+    from it)."""
+    return table.ndim == 2 and table.dtype == jnp.bfloat16
 
 
 @jax.custom_vjp
 def rows(table: jax.Array, tokens: jax.Array) -> jax.Array:
-    """float32(table[tokens]) for int32 tokens of any shape -> [..., D]; callers check `applies_rows`."""
+    """float32(table[tokens]) for int32 tokens of any shape -> [..., D]; callers check `rows_apply`."""
     out = jax.ShapeDtypeStruct((*tokens.shape, table.shape[1]), jnp.float32)
     return jax.ffi.ffi_call(ROWS, out, vmap_method="sequential")(table, tokens.astype(jnp.int32))
 
@@ -224,14 +186,14 @@ def _rows_bwd(res, g):  # a full model's training differentiates the table: scat
 rows.defvjp(_rows_fwd, _rows_bwd)
 
 
-def applies_cache(buf: jax.Array) -> bool:
-    """Write into this KV cache buffer with the kernels: bfloat16 [B, S, KV, hd], unsharded, on the CPU
-    (XLA would widen the whole buffer for every write)."""
-    return buf.ndim == 4 and buf.dtype == jnp.bfloat16 and _usable()
+def cache_applies(buf: jax.Array) -> bool:
+    """Write into this KV cache buffer with the kernels: bfloat16 [B, S, KV, hd] (XLA would widen the
+    whole buffer for every write)."""
+    return buf.ndim == 4 and buf.dtype == jnp.bfloat16
 
 
 def cache_write(buf: jax.Array, block: jax.Array, offsets: jax.Array) -> jax.Array:
-    """buf[b, offsets[b] : offsets[b] + T] = block[b] in place (kernels/cache_cpu.cc); check `applies_cache`."""
+    """buf[b, offsets[b] : offsets[b] + T] = block[b] in place (kernels/cache_cpu.cc); check `cache_applies`."""
     call = jax.ffi.ffi_call(CACHE[0], jax.ShapeDtypeStruct(buf.shape, buf.dtype), input_output_aliases={0: 0},
                             vmap_method="sequential")
     return call(buf, block.astype(jnp.float32), offsets.astype(jnp.int32))
@@ -244,18 +206,18 @@ def cache_move(buf: jax.Array, lengths: jax.Array, path: jax.Array) -> jax.Array
     return call(buf, lengths.astype(jnp.int32), path.astype(jnp.int32))
 
 
-def applies_rope(x: jax.Array) -> bool:
-    """Rotate q / k [B, T, heads, hd] with the kernel: float32, unsharded, on the CPU, a pass of any size.
+def rope_applies(x: jax.Array) -> bool:
+    """Rotate q / k [B, T, heads, hd] with the kernel: float32, a pass of any size.
 
     Unlike the products it has no row limit: it is a pass over the elements either way, and XLA's
     RoPE ops and their gradient cost a SmolLM2 training step (704 look-ahead rows) ~80 ms more."""
-    return x.ndim == 4 and x.dtype == jnp.float32 and _usable()
+    return x.ndim == 4 and x.dtype == jnp.float32
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array, rotated: int) -> jax.Array:
     """RoPE of the first `rotated` heads of x [B, T, heads, hd] at positions [B, T], the others copied
-    (kernels/rope_cpu.cc); callers check `applies_rope`."""
+    (kernels/rope_cpu.cc); callers check `rope_applies`."""
     b, t, h, hd = x.shape
     call = jax.ffi.ffi_call(ROPE, jax.ShapeDtypeStruct((b * t, h, hd), jnp.float32), vmap_method="sequential")
     return call(x.reshape(b * t, h, hd), positions.reshape(-1).astype(jnp.int32), inv_freq,
@@ -274,11 +236,9 @@ def _rope_bwd(rotated, res, g):  # a rotation's transpose is the rotation back
 rope.defvjp(_rope_fwd, _rope_bwd)
 
 
-def applies_attention(rows: jax.Array, keys: jax.Array, mask: jax.Array) -> bool:
-    """Use the attention kernel: an unsharded CPU pass of at most MAX_ROWS tokens (mask [B, T, S]; any
-    inside `every_pass`)."""
-    return (keys.dtype in (jnp.float32, jnp.bfloat16) and rows.shape[-1] in (32, 64, 128)
-            and _few_rows(mask.shape[1], "attention") and _usable())
+def attention_applies(rows: jax.Array, keys: jax.Array) -> bool:
+    """The attention kernel takes these rows and cache: float32 or bfloat16, head size 32, 64 or 128."""
+    return keys.dtype in (jnp.float32, jnp.bfloat16) and rows.shape[-1] in (32, 64, 128)
 
 
 def attention(rows: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array, prefix=None, prefix_rows=None):
@@ -297,9 +257,9 @@ def attention(rows: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Arr
     return o, stats[..., 0], stats[..., 1]
 
 
-def applies_block_attention(q: jax.Array, keys: jax.Array) -> bool:
-    """Use the block-attention kernels (training's look-ahead blocks): float32, unsharded, on the CPU."""
-    return keys.dtype == jnp.float32 and q.shape[-1] in (32, 64, 128) and _usable()
+def block_attention_applies(q: jax.Array, keys: jax.Array) -> bool:
+    """The block-attention kernels (training's look-ahead blocks) take these: float32, head size 32, 64 or 128."""
+    return keys.dtype == jnp.float32 and q.shape[-1] in (32, 64, 128)
 
 
 def block_attention(n: int, q, keys, values, visible, local_k, local_v, prefix, prefix_rows):
