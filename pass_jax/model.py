@@ -12,6 +12,8 @@ ops, or a backend's; None = `backends.default_ops()`, this process's choice).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -100,30 +102,40 @@ def forward(params: Params, cfg: ModelConfig, embeds: jax.Array, positions: jax.
     if cfg.sliding_window is not None:
         kpos = key_positions(cache.lengths, positions, cache.max_len)
         mask &= (positions[:, :, None] - kpos[:, None, :]) < cfg.sliding_window
-    b, t = embeds.shape[:2]
-    nq, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    inv_freq = jnp.asarray(rope_inv_freq(cfg))
     x = embeds.astype(jnp.float32)
     keys, values = list(cache.keys), list(cache.values)
     for i, layer in enumerate(params["layers"]):
-        qkv = ops.dense(rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps), layer["qkv"])
-        if "qkv_bias" in layer:
-            qkv = qkv + layer["qkv_bias"].astype(jnp.float32)
-        heads = ops.rope(qkv.reshape(b, t, nq + 2 * nkv, hd), positions, inv_freq, nq + nkv)  # q and k rotated
-        q, k, v = heads[:, :, :nq], heads[:, :, nq:nq + nkv], heads[:, :, nq + nkv:]
-        local = None
-        if local_blocks is None:
-            keys[i] = ops.cache_write(keys[i], k, cache.lengths)
-            values[i] = ops.cache_write(values[i], v, cache.lengths)
-        else:
-            local = (k, v, local_blocks)
-        attn = ops.dense(ops.attention(q, keys[i], values[i], mask, None if prefix is None else prefix[i], prefix_rows,
-                                       local), layer["o"])
-        x = x + (attn + layer["o_bias"].astype(jnp.float32) if "o_bias" in layer else attn)
-        x = x + ops.dense(swiglu(ops.dense(rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps), layer["gate_up"])),
-                          layer["down"])
+        x, keys[i], values[i] = _layer(layer, x, keys[i], values[i], cache.lengths, positions, mask,
+                                       None if prefix is None else prefix[i], prefix_rows, cfg=cfg, ops=ops,
+                                       local_blocks=local_blocks)
     hidden = rms_norm(x, params["norm"], cfg.rms_norm_eps)
     return hidden, cache.replace(keys=tuple(keys), values=tuple(values))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "ops", "local_blocks"))
+def _layer(layer, x, keys, values, lengths, positions, mask, prefix, prefix_rows, *, cfg: ModelConfig, ops: XlaOps,
+           local_blocks: int | None):
+    """One decoder layer of `forward`: (x, the layer's keys and values with the block written).
+
+    Jitted on its own, so tracing a pass traces one layer, not every layer (they share their shapes);
+    XLA inlines the call, so the compiled program computes what the unrolled layers computed."""
+    b, t = x.shape[:2]
+    nq, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    qkv = ops.dense(rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps), layer["qkv"])
+    if "qkv_bias" in layer:
+        qkv = qkv + layer["qkv_bias"].astype(jnp.float32)
+    heads = ops.rope(qkv.reshape(b, t, nq + 2 * nkv, hd), positions, jnp.asarray(rope_inv_freq(cfg)), nq + nkv)
+    q, k, v = heads[:, :, :nq], heads[:, :, nq:nq + nkv], heads[:, :, nq + nkv:]  # q and k rotated
+    local = None
+    if local_blocks is None:
+        keys, values = ops.cache_write(keys, k, lengths), ops.cache_write(values, v, lengths)
+    else:
+        local = (k, v, local_blocks)
+    attn = ops.dense(ops.attention(q, keys, values, mask, prefix, prefix_rows, local), layer["o"])
+    x = x + (attn + layer["o_bias"].astype(jnp.float32) if "o_bias" in layer else attn)
+    x = x + ops.dense(swiglu(ops.dense(rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps), layer["gate_up"])),
+                      layer["down"])
+    return x, keys, values
 
 
 def logits_from_hidden(params: Params, hidden: jax.Array, ops: XlaOps | None = None) -> jax.Array:

@@ -93,8 +93,9 @@ def test_gradients_are_xlas():
 
 
 @needs_kernel
-def test_the_model_attends_with_the_kernel(monkeypatch):
-    """A decode pass's layers call the kernel (CpuOps); with XLA's ops they agree."""
+def test_the_model_attends_with_the_kernel():
+    """Every layer of a decode pass calls the kernel (CpuOps; counted in the compiled program, where XLA
+    has inlined the one traced layer into each); with XLA's ops none does, and they agree."""
     from pass_jax import model as M
     from pass_jax.cache import KVCache
     from pass_jax.config import ModelConfig
@@ -106,17 +107,16 @@ def test_the_model_attends_with_the_kernel(monkeypatch):
     tokens = jnp.arange(3)[None]
 
     def run(ops):
-        hidden, _ = M.forward(params, cfg, M.embed_tokens(params, tokens, ops), 10 + tokens,
-                              M.causal_block_mask(tokens >= 0), cache, ops=ops)
-        return np.asarray(hidden)
+        fn = jax.jit(lambda p, c: M.forward(p, cfg, M.embed_tokens(p, tokens, ops), 10 + tokens,
+                                            M.causal_block_mask(tokens >= 0), c, ops=ops)[0])
+        calls = fn.lower(params, cache).compile().as_text().count('custom_call_target="pass_jax_attention"')
+        return np.asarray(fn(params, cache)), calls
 
-    calls = []
-    real = cpu_kernel.attention
-    monkeypatch.setattr(cpu_kernel, "attention", lambda *a: calls.append(1) or real(*a))
-    with_kernel = run(CpuOps())
-    assert len(calls) == cfg.num_layers
-    np.testing.assert_allclose(run(XLA), with_kernel, rtol=1e-5, atol=1e-5)
-    assert len(calls) == cfg.num_layers
+    with_kernel, calls = run(CpuOps())
+    assert calls == cfg.num_layers
+    without, calls = run(XLA)
+    assert calls == 0
+    np.testing.assert_allclose(without, with_kernel, rtol=1e-5, atol=1e-5)
 
 
 def _block_case(seed, b, t, n, kv, groups, s, hd, p):
@@ -162,9 +162,9 @@ def test_block_kernel_matches_xla_with_gradients(shape):
 
 
 @needs_kernel
-def test_training_takes_the_block_kernel(monkeypatch):
-    """The look-ahead loss's layers call the block kernel once each, forward and gradient; with the
-    XLA's ops (a plan or step's other backend) give the same loss and gradient."""
+def test_training_takes_the_block_kernel():
+    """The look-ahead loss's layers call the block kernel once each, forward and gradient (counted in the
+    compiled program); XLA's ops (a step's other backend) give the same loss and gradient."""
     from pass_jax import model as M
     from pass_jax.config import ModelConfig
     from pass_jax.lookahead import init_deep, init_lookahead
@@ -176,15 +176,15 @@ def test_training_takes_the_block_kernel(monkeypatch):
     leaf = init_deep(init_lookahead(params, 3, "mean", key=jax.random.key(1)), cfg, 2, jax.random.key(2))
     tokens = jax.random.randint(jax.random.key(3), (2, 24), 0, cfg.vocab_size)
     def grad(ops):
-        return jax.jit(jax.value_and_grad(lambda leaf: lookahead_loss(leaf, params, cfg, tokens, TrainLayout(24, 3, 2),
-                                                                      "ce", 0.8, ops=ops)))
-    calls = []
-    real = cpu_kernel.block_attention
-    monkeypatch.setattr(cpu_kernel, "block_attention", lambda *a: calls.append(1) or real(*a))
-    got = grad(CpuOps())(leaf)
-    assert len(calls) == cfg.num_layers
-    want = grad(XLA)(leaf)
-    assert len(calls) == cfg.num_layers
+        fn = jax.jit(jax.value_and_grad(lambda leaf: lookahead_loss(leaf, params, cfg, tokens, TrainLayout(24, 3, 2),
+                                                                    "ce", 0.8, ops=ops)))
+        text = fn.lower(leaf).compile().as_text()
+        return fn(leaf), [text.count(f'custom_call_target="{name}"') for name in cpu_kernel.BLOCK_ATTENTION]
+
+    got, calls = grad(CpuOps())
+    assert calls == [cfg.num_layers, cfg.num_layers]  # forward, gradient
+    want, calls = grad(XLA)
+    assert calls == [0, 0]
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-5, atol=1e-6)
 

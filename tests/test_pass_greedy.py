@@ -1,6 +1,7 @@
 """PaSS greedy decoding is token-identical to autoregressive greedy decoding."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -198,7 +199,7 @@ def test_prompt_pass_is_autoregressive_decodings_whatever_the_lookahead(tp):
             np.testing.assert_array_equal(np.asarray(p[row, :n]), np.asarray(a[row, :n]))
 
 
-def test_every_round_takes_the_cpu_kernels_whatever_its_size(monkeypatch):
+def test_every_round_takes_the_cpu_kernels_whatever_its_size():
     """A tree pass of more than 64 tokens still computes each token as a 1-token step does (the CPU
     kernels, where they are built), and its greedy output is autoregressive decoding's."""
     from pass_jax.backends import default_ops
@@ -207,15 +208,17 @@ def test_every_round_takes_the_cpu_kernels_whatever_its_size(monkeypatch):
     if default_ops().name != "cpu":
         pytest.skip("CPU kernels not built here")
     m, k = tiny_model(vocab=50, hidden=64, layers=2, heads=2, kv_heads=1, seed=4), 4
-    sizes = []
-    real = cpu_kernel.dense
-    monkeypatch.setattr(cpu_kernel, "dense", lambda x, w, *a: sizes.append(x.shape[1]) or real(x, w, *a))
     la = pj.init_lookahead(m.params, k, "random", key=jax.random.key(1))
     tree = "8,4,2,1;ngram=4"
-    assert pj.DraftTree.parse(tree).num_tokens(k) > 64
+    n = pj.DraftTree.parse(tree).num_tokens(k)
+    assert n > cpu_kernel.MAX_ROWS
+    plan, leaf = pj.make_plan(m, prompt_len=16, max_new_tokens=20, method="pass", k=k, lookahead=la, tree=tree)
+    text = jax.jit(plan).lower(m.params, leaf, jnp.zeros((2, 16), jnp.int32), jnp.asarray([4, 3]),
+                               jax.random.key(0)).compile().as_text()
+    products = re.findall(r'f32\[(\d+),\d+\]\{[^}]*\} custom-call\([^)]*\), custom_call_target="pass_jax_dense"', text)
+    assert max(map(int, products)) >= 2 * n  # both rows' tree passes, every node: the kernel's product
     prompts = [[1, 2, 3, 4], [5, 6, 7]]
     got = pj.generate(m, prompts, max_new_tokens=20, method="pass", k=k, lookahead=la, tree=tree, eos_token_id=())
-    assert max(sizes) > 64
     ar = pj.generate(m, prompts, max_new_tokens=20, eos_token_id=())
     assert got.token_ids == ar.token_ids
 
