@@ -233,6 +233,8 @@ def test_a_block_computes_each_token_as_1_token_steps_do(dtype):
     from pass_jax.backends import default_ops
     from pass_jax.cache import KVCache
 
+    if default_ops().name != "cpu":  # the kernels' guarantee: XLA's ops do not give it (README, Precision)
+        pytest.skip("CPU kernels not built here")
     m = tiny_model(vocab=64, hidden=576, layers=2, heads=9, kv_heads=3, seed=5, scale=0.05)
     params, cfg = jax.tree.map(lambda a: a.astype(dtype), m.params), m.config
     ops = default_ops().for_rounds()  # as the decode loop's rounds run

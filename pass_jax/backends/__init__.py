@@ -1,7 +1,8 @@
 """Which implementation of `pass_jax.ops` a plan runs: XLA's ops, or XLA's with the CPU kernels.
 
 `default_ops()` is this process's choice, made once: the CPU kernels (`backends.cpu`) on a single CPU
-device where they build, else XLA's ops (TPUs, GPUs, meshes of several devices, other CPUs). A plan
+device where they build, XLA's ops with XLA CPU's one workaround on other CPUs (several devices, no
+AVX-512, no compiler), XLA's ops alone on TPUs and GPUs. A plan
 holds its ops as a static field (`DecodePlan.ops`), so a program traced with one never serves the other.
 """
 
@@ -19,13 +20,12 @@ def default_ops() -> XlaOps:
     """The CPU kernels where they serve (one CPU device, built for this machine), else XLA's ops."""
     import jax
 
+    if jax.default_backend() != "cpu":
+        return XLA
     from .cpu import ffi
+    from .cpu.ops import CpuOps, XlaCpuOps
 
-    if jax.default_backend() == "cpu" and jax.device_count() == 1 and ffi.available():
-        from .cpu.ops import CpuOps
-
-        return CpuOps()
-    return XLA
+    return CpuOps() if jax.device_count() == 1 and ffi.available() else XlaCpuOps()
 
 
 def resolve(ops: XlaOps | str | None) -> XlaOps:

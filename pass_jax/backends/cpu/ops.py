@@ -23,7 +23,23 @@ EVERY_PASS = frozenset({"attention", "products"})
 
 
 @dataclasses.dataclass(frozen=True)
-class CpuOps(xla.XlaOps):
+class XlaCpuOps(xla.XlaOps):
+    """XLA's ops on a CPU, with the one workaround XLA's CPU backend needs: a one-row bfloat16 product
+    takes a slow path there (~1.7x two rows' time, and other arithmetic than a many-row pass), so a lone
+    row is doubled and the copy dropped. What a CPU without the kernels runs (`default_ops`)."""
+
+    name = "xla-cpu"
+
+    def dense(self, x, w):
+        if w.dtype == jnp.bfloat16 and math.prod(x.shape[:-1]) == 1:
+            flat = x.astype(w.dtype).reshape(1, -1)
+            y = jnp.dot(jnp.concatenate([flat, flat]), w, preferred_element_type=jnp.float32)[:1]
+            return y.reshape(x.shape[:-1] + (w.shape[-1],))
+        return super().dense(x, w)
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuOps(XlaCpuOps):
     """every_pass: the kinds of kernel ("attention", "products") taken at any pass size, not only up to
     MAX_ROWS rows. The decode loop traces its rounds with both (`for_rounds`), so a token is computed by
     the same arithmetic in a 1-token step and in a verify pass of any size, and its prompt pass with the
@@ -51,10 +67,6 @@ class CpuOps(xla.XlaOps):
         rows = math.prod(x.shape[:-1])
         if ffi.dense_applies(w) and self._few(rows, "products"):
             return ffi.dense(x, w)
-        if w.dtype == jnp.bfloat16 and rows == 1:  # XLA's one-row bfloat16 product takes a slow path (~1.7x
-            flat = x.astype(w.dtype).reshape(1, -1)  # two rows' time): double the row, drop the copy
-            y = jnp.dot(jnp.concatenate([flat, flat]), w, preferred_element_type=jnp.float32)[:1]
-            return y.reshape(x.shape[:-1] + (w.shape[-1],))
         return super().dense(x, w)
 
     def dense_t(self, x, w):
