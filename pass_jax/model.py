@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from .backends import resolve
 from .cache import KVCache, attention_mask, key_positions
 from .config import ModelConfig, rope_inv_freq
-from .ops import XlaOps, rotate_half_rope
+from .ops import XlaOps
 
 Params = dict
 
@@ -40,11 +40,6 @@ def _sum_in_fixed_order(v: jax.Array) -> jax.Array:
         half = v.shape[-1] // 2
         v = v[..., :half] + v[..., half:]
     return v[..., 0]
-
-
-def apply_rope(x: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """Rotate-half RoPE as in Hugging Face Llama; x [B, T, heads, hd], positions [B, T]."""
-    return rotate_half_rope(x, positions, jnp.asarray(rope_inv_freq(cfg)))
 
 
 def embed_tokens(params: Params, tokens: jax.Array, ops: XlaOps | None = None) -> jax.Array:

@@ -11,9 +11,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pass_jax as pj
+from pass_jax.backends import default_ops
 from pass_jax.decode import DecodePlan, DecodeSpec, _round
 
 from .conftest import prefill_for_rounds, tiny_model
+
+# bit-for-bit arithmetic across pass sizes is the CPU kernels' guarantee: XLA's ops do not give it (README, Precision)
+needs_kernels = pytest.mark.skipif(default_ops().name != "cpu", reason="CPU kernels not built here")
 
 PROMPTS = [[1, 2, 3], [4, 5, 6, 0, 1, 2, 3, 4, 5, 6, 1], [2], [6, 6, 6, 6, 6, 1]]
 
@@ -199,14 +203,12 @@ def test_prompt_pass_is_autoregressive_decodings_whatever_the_lookahead(tp):
             np.testing.assert_array_equal(np.asarray(p[row, :n]), np.asarray(a[row, :n]))
 
 
+@needs_kernels
 def test_every_round_takes_the_cpu_kernels_whatever_its_size():
     """A tree pass of more than 64 tokens still computes each token as a 1-token step does (the CPU
     kernels, where they are built), and its greedy output is autoregressive decoding's."""
-    from pass_jax.backends import default_ops
     from pass_jax.backends.cpu import ffi as cpu_kernel
 
-    if default_ops().name != "cpu":
-        pytest.skip("CPU kernels not built here")
     m, k = tiny_model(vocab=50, hidden=64, layers=2, heads=2, kv_heads=1, seed=4), 4
     la = pj.init_lookahead(m.params, k, "random", key=jax.random.key(1))
     tree = "8,4,2,1;ngram=4"
@@ -223,6 +225,7 @@ def test_every_round_takes_the_cpu_kernels_whatever_its_size():
     assert got.token_ids == ar.token_ids
 
 
+@needs_kernels
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_a_block_computes_each_token_as_1_token_steps_do(dtype):
     """Bit for bit, jitted: the hidden states of a 2- and a 5-token block equal 1-token steps (SmolLM2's
@@ -230,11 +233,8 @@ def test_a_block_computes_each_token_as_1_token_steps_do(dtype):
     XLA fused RoPE into q's and k's consumers differently by pass size; with XLA's RoPE this test
     fails in float32, by ~4e-6)."""
     from pass_jax import model as M
-    from pass_jax.backends import default_ops
     from pass_jax.cache import KVCache
 
-    if default_ops().name != "cpu":  # the kernels' guarantee: XLA's ops do not give it (README, Precision)
-        pytest.skip("CPU kernels not built here")
     m = tiny_model(vocab=64, hidden=576, layers=2, heads=9, kv_heads=3, seed=5, scale=0.05)
     params, cfg = jax.tree.map(lambda a: a.astype(dtype), m.params), m.config
     ops = default_ops().for_rounds()  # as the decode loop's rounds run
