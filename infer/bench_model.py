@@ -82,7 +82,7 @@ def run_model_bench(args) -> dict:
     from tqdm import tqdm
 
     from pass_jax import load_model
-    from pass_jax.checkpoint import load_lookahead
+    from pass_jax.io.checkpoint import load_lookahead
 
     model = load_model(args.model, dtype=args.dtype)
     prompts = read_prompts(args.prompts)
@@ -129,6 +129,9 @@ def run_model_bench(args) -> dict:
 
 
 def plot(result: dict, path: str) -> None:
+    from .bench_common import require_extra
+
+    require_extra("matplotlib")
     import matplotlib
 
     matplotlib.use("Agg")

@@ -31,8 +31,8 @@ def run_convert(args) -> int:
     from pathlib import Path
 
     from pass_jax import load_model, save_model
-    from pass_jax.config import ConfigError
-    from pass_jax.gguf_io import is_gguf
+    from pass_jax.errors import ConfigError
+    from pass_jax.io.gguf import is_gguf
 
     src = Path(args.gguf)
     if not src.is_file():
@@ -48,7 +48,7 @@ def run_convert(args) -> int:
 
 
 def run_fetch(args) -> int:
-    from pass_jax.smollm2 import fetch_smollm2
+    from pass_jax.models.presets import fetch_smollm2
 
     print(fetch_smollm2(args.cache_dir))
     return 0

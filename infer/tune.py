@@ -75,7 +75,7 @@ def choose(tree, rates, costs, k: int, max_nodes: int, ngram_share: float = 1.0)
 
     With a gated chain (tree.ngram_min > 1) the probe's chain rates count only the rounds that drafted
     it, a share `ngram_share` of them; the other rounds run the tree without its chain, at its cost."""
-    from pass_jax.tree import DraftTree
+    from pass_jax.decoding.tree import DraftTree
 
     nodes = list(range(1, tree.num_nodes))
     order = sorted(nodes, key=lambda i: (-rates[i], tree.depth[i], i))  # parents before children on ties
@@ -121,7 +121,7 @@ def run(args) -> int:
 
     from pass_jax import generate, load_model
     from pass_jax.api import DEFAULT_TREE, _tokenize
-    from pass_jax.tree import DraftTree
+    from pass_jax.decoding.tree import DraftTree
 
     from .bench_model import read_prompts
     from .options import resolve_lookahead, with_demo_defaults

@@ -11,12 +11,13 @@ from .api import (
                   save_model,
                   untrained_lookahead,
 )
-from .cache import CacheOverflowError, KVCache
 from .compile_cache import enable as enable_compile_cache
-from .config import ConfigError, ModelConfig
-from .lookahead import DeepLookahead, init_deep, init_lookahead
-from .sampling import Sampler
-from .tree import DraftTree
+from .decoding.sampling import Sampler
+from .decoding.tree import DraftTree
+from .errors import CacheOverflowError, ConfigError
+from .lookahead.leaf import DeepLookahead, init_deep, init_lookahead
+from .models.cache import KVCache
+from .models.llama import ModelConfig
 
 __all__ = ["CacheOverflowError", "ConfigError", "DeepLookahead", "DraftTree", "GenerationResult", "GenerationStats",
            "KVCache", "Model", "ModelConfig", "Sampler", "decode_fn", "enable_compile_cache", "generate", "init_deep",

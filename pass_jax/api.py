@@ -18,29 +18,29 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from .backends import resolve
-from .cache import CacheOverflowError
-from .config import ModelConfig
-from .decode import METHODS, VARIANTS, DecodePlan, DecodeSpec
-from .hf import load_hf, save_hf
-from .lookahead import DeepLookahead, check_k, init_lookahead
-from .sampling import Sampler
+from .decoding.loop import METHODS, VARIANTS, DecodePlan, DecodeSpec
+from .decoding.sampling import Sampler
+from .decoding.tree import DraftTree
+from .errors import CacheOverflowError
+from .io.hf import load_hf, save_hf
+from .lookahead.leaf import DeepLookahead, check_k
+from .models.contract import Decoder, params_dtype
 from .sharding import replicate, shard_batch, shard_params
-from .tree import DraftTree
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 @dataclasses.dataclass
 class Model:
-    config: ModelConfig
-    params: dict
+    config: Decoder  # a ModelConfig (Llama family), any pass_jax.models entry, or a decoder of your own
+    params: Any
     tokenizer: Any = None
     hf_config: dict | None = None
     path: str | None = None
 
     @property
     def dtype(self):
-        return self.params["embed"].dtype
+        return params_dtype(self.params)
 
 
 def load_model(model_dir: str | os.PathLike, dtype: str = "float32", tokenizer: bool = True,
@@ -53,8 +53,8 @@ def load_model(model_dir: str | os.PathLike, dtype: str = "float32", tokenizer: 
     host copy). A GGUF file is dequantized whole, then placed: its quantized blocks do not slice."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    from .gguf_io import is_gguf, load_gguf
-    from .hub import resolve_model_path
+    from .io.gguf import is_gguf, load_gguf
+    from .io.hub import resolve_model_path
 
     model_dir = resolve_model_path(model_dir)
     if is_gguf(model_dir):
@@ -114,7 +114,11 @@ class GenerationResult:
 def untrained_lookahead(model: Model, k: int):
     """The paper's untrained baseline: k copies of an [UNK]-like token's embedding."""
     unk = getattr(model.tokenizer, "unk_token_id", None) if model.tokenizer is not None else None
-    return init_lookahead(model.params, k, "token", unk if unk is not None else 0)
+    token = unk if unk is not None else 0
+    if not 0 <= token < model.config.vocab_size:
+        raise ValueError(f"token_id {token} is outside the vocabulary (size {model.config.vocab_size})")
+    rows = model.config.embed(model.params, jnp.full((1, check_k(k)), token, jnp.int32))  # as the model reads them
+    return jnp.asarray(rows[0], jnp.float32)
 
 
 def _tokenize(model: Model, prompts, chat: bool = False) -> list[list[int]]:

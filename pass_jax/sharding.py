@@ -1,4 +1,4 @@
-"""The declared layout: logical axis names (model.param_axes, CACHE_AXES, ...) -> mesh axes.
+"""The declared layout: logical axis names (a decoder's param_axes, CACHE_AXES, ...) -> mesh axes.
 
 A (data, model) mesh: "data" splits the batch (prompts, outputs, KV cache rows); "model" splits
 attention heads, the MLP hidden and the vocabulary (Megatron-style tensor parallelism), so a
@@ -60,10 +60,8 @@ def _is_axes(x) -> bool:
 
 
 def param_shardings(cfg, mesh: Mesh, params):
-    """A NamedSharding per parameter (params: arrays or ShapeDtypeStructs), from model.param_axes."""
-    from .model import param_axes
-
-    return jax.tree.map(lambda axes, x: logical_sharding(axes, x.shape, mesh), param_axes(cfg), params,
+    """A NamedSharding per parameter (params: arrays or ShapeDtypeStructs), from the decoder's param_axes."""
+    return jax.tree.map(lambda axes, x: logical_sharding(axes, x.shape, mesh), cfg.param_axes(), params,
                         is_leaf=_is_axes)
 
 
@@ -135,7 +133,7 @@ def host_array(x) -> np.ndarray:
 
 
 def shard_params(params, cfg, mesh: Mesh):
-    """Params placed by the rules (model.param_axes -> LOGICAL_RULES)."""
+    """Params placed by the rules (the decoder's param_axes -> LOGICAL_RULES)."""
     return jax.tree.map(place, params, param_shardings(cfg, mesh, params))
 
 

@@ -83,6 +83,19 @@ ARCHS = {
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
     },
+    # q/k RMS norms per head, explicit head_dim
+    "qwen3": {"cls": "Qwen3ForCausalLM", "vocab_size": 89, "hidden_size": 64, "intermediate_size": 96,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 24,
+              "perturb_norms": True},
+    # scaled embeddings, (1 + w) norms around attention and MLP, q/k norms, GeGLU, a query scalar other than
+    # head_dim, sliding-window layers (window 6 < the test sequences) with their own RoPE between global ones
+    "gemma3": {"cls": "Gemma3ForCausalLM", "config": "Gemma3TextConfig", "vocab_size": 79, "hidden_size": 64,
+               "intermediate_size": 96, "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
+               "head_dim": 16, "query_pre_attn_scalar": 12, "sliding_window": 6,
+               "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+               "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 50000.0},
+                                   "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0}},
+               "perturb_norms": True},
 }
 
 
@@ -93,14 +106,15 @@ def build_hf_model(kind: str, seed: int = 0, **overrides):
 
     spec = {**ARCHS[kind], **overrides}
     cls = getattr(transformers, spec.pop("cls"))
-    config_cls = getattr(transformers, cls.__name__.replace("ForCausalLM", "Config"))
+    config_cls = getattr(transformers, spec.pop("config", cls.__name__.replace("ForCausalLM", "Config")))
+    perturb_norms = spec.pop("perturb_norms", False)
     config = config_cls(bos_token_id=None, eos_token_id=None, pad_token_id=None, **spec)
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = cls(config).eval()
     with torch.no_grad():  # HF initialises biases to zero; make them matter
         for name, param in model.named_parameters():
-            if name.endswith("bias"):
+            if name.endswith("bias") or perturb_norms and name.endswith("norm.weight"):
                 param.normal_(0, 0.5)
     return model
 
@@ -122,7 +136,7 @@ def tiny_model(vocab=32, hidden=32, layers=1, heads=2, kv_heads=1, seed=0, scale
     import jax
 
     from pass_jax import Model, ModelConfig
-    from pass_jax.model import init_params
+    from pass_jax.models.llama import init_params
 
     cfg = ModelConfig(
         vocab_size=vocab,
@@ -145,8 +159,8 @@ def prefill_for_rounds(plan, params, lookahead, prompts):
     import jax
     import jax.numpy as jnp
 
-    from pass_jax.decode import Inputs, _prefill
-    from pass_jax.lookahead import split_lookahead
+    from pass_jax.decoding.loop import Inputs, _prefill
+    from pass_jax.lookahead.leaf import split_lookahead
 
     padded = jnp.asarray([p + [0] * (16 - len(p)) for p in prompts])
     embeds, prefix = split_lookahead(lookahead) if lookahead is not None else (None, None)

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 
 import pass_jax as pj
-from pass_jax import hf
+from pass_jax.io import hf
 from pass_jax.sharding import make_mesh
 
 MESHES = [(8, 1), (2, 4), (1, 8)]

@@ -6,7 +6,7 @@ import pytest
 
 import pass_jax as pj
 from infer.__main__ import main
-from pass_jax.checkpoint import save_lookahead
+from pass_jax.io.checkpoint import save_lookahead
 
 
 @pytest.mark.slow
@@ -107,7 +107,7 @@ def test_humaneval_loads_the_dtype_and_decodes_with_the_tree_asked_for(tmp_path,
 def test_humaneval_chat_mode_uses_the_chat_template(tmp_path, capsys):
     import shutil
 
-    from pass_jax.demo import demo_model_dir
+    from pass_jax.models.presets import demo_model_dir
 
     model = tmp_path / "chat_model"
     shutil.copytree(demo_model_dir(), model, ignore=shutil.ignore_patterns("lookahead"))

@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import pass_jax as pj
-from pass_jax.cache import KVCache
-from pass_jax.model import causal_block_mask, embed_tokens, forward, logits_from_hidden
+from pass_jax.models.cache import KVCache
+from pass_jax.models.contract import causal_block_mask
+from pass_jax.models.llama import embed_tokens, forward, logits_from_hidden
 
 from .conftest import tiny_model
 

@@ -10,7 +10,7 @@ import pytest
 
 import pass_jax as pj
 from infer.__main__ import main
-from pass_jax.checkpoint import save_lookahead
+from pass_jax.io.checkpoint import save_lookahead
 
 from .conftest import tiny_model
 
@@ -60,7 +60,7 @@ def k8_checkpoint(hf_dirs, tmp_path_factory):
 
 
 def test_a_k8_checkpoint_runs_at_k4_as_its_first_4_embeddings(hf_dirs, k8_checkpoint, capsys):
-    from pass_jax.checkpoint import load_lookahead
+    from pass_jax.io.checkpoint import load_lookahead
 
     model, la, path = k8_checkpoint
     assert (load_lookahead(path, model, 4) == la[:4]).all()
@@ -89,7 +89,7 @@ def test_lookahead_checkpoint_for_another_model_is_refused(hf_dirs, tmp_path):
     other = tiny_model(hidden=64, vocab=97)
     save_lookahead(tmp_path / "la", pj.init_lookahead(other.params, 2, "random"), other)
     with pytest.raises(pj.ConfigError, match="another base model"):
-        from pass_jax.checkpoint import load_lookahead
+        from pass_jax.io.checkpoint import load_lookahead
 
         load_lookahead(tmp_path / "la", pj.load_model(hf_dirs["llama"][1]))
     small = tiny_model(hidden=32)
@@ -101,7 +101,7 @@ def test_other_weights_of_the_same_architecture_warn_and_shipped_lookaheads_are_
     """A look-ahead trained on other weights of the same architecture (bf16 hub weights vs a dequantized GGUF)
     still loads, with a warning; a shipped one is used for the exact weights it was trained on, or by name."""
     from infer.options import resolve_lookahead
-    from pass_jax import checkpoint
+    from pass_jax.io import checkpoint
 
     a, b = tiny_model(seed=1), tiny_model(seed=2)
     la = pj.init_lookahead(a.params, 3, "random")
@@ -119,7 +119,7 @@ def test_other_weights_of_the_same_architecture_warn_and_shipped_lookaheads_are_
 
 
 def test_corrupt_lookahead_checkpoint(hf_dirs, tmp_path):
-    from pass_jax.checkpoint import load_lookahead
+    from pass_jax.io.checkpoint import load_lookahead
 
     model = pj.load_model(hf_dirs["llama"][1])
     save_lookahead(tmp_path / "la", pj.init_lookahead(model.params, 2, "random"), model)
@@ -208,6 +208,14 @@ def test_compare_reports_the_speedup(hf_dirs, capsys):
     assert code == 0 and "speed-up" in out and "identical output" in out
 
 
+@pytest.mark.parametrize("kind", ["qwen3", "gemma3"])
+def test_model_flag_runs_the_other_architectures(hf_dirs, kind, capsys):
+    code, out, _ = _run(["generate", "--model", hf_dirs[kind][1], "--prompt-ids", "1,2,3", "--max-new-tokens", "8",
+                         "--compare", "--json"], capsys)
+    res = json.loads(out)
+    assert code == 0 and len(res["token_ids"][0]) == 8 and res["autoregressive"]["token_ids"] == res["token_ids"]
+
+
 def test_readme_main_command_runs_on_the_embedded_demo_model(capsys):
     code, out, _ = _run(["generate", "--prompt", "def fibonacci(n):", "--max-new-tokens", "12", "--compare", "--json"],
                         capsys)
@@ -292,7 +300,7 @@ def test_shipped_lookaheads_are_complete_and_say_how_they_were_made():
     command, and arrays of the shape it declares (the model itself is not needed, nor downloaded)."""
     import orbax.checkpoint as ocp
 
-    from pass_jax.checkpoint import shipped_lookaheads
+    from pass_jax.io.checkpoint import shipped_lookaheads
 
     shipped = shipped_lookaheads()
     assert "smollm2-135m-instruct" in shipped

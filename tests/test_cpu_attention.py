@@ -9,8 +9,8 @@ from pass_jax.backends.cpu import ffi as cpu_kernel
 from pass_jax.backends.cpu.ops import CpuOps, _attend_folded_xla, _block_attention
 from pass_jax.backends.cpu.ops import _attend as _attend_kernel
 from pass_jax.backends.cpu.ops import _attend_folded as _attend_folded_kernel
-from pass_jax.ops import XLA
-from pass_jax.ops import attend as _attend
+from pass_jax.backends.xla import XLA
+from pass_jax.backends.xla import attend as _attend
 
 needs_kernel = pytest.mark.skipif(not cpu_kernel.available(), reason="kernel not built here (see the warning)")
 
@@ -96,9 +96,10 @@ def test_gradients_are_xlas():
 def test_the_model_attends_with_the_kernel():
     """Every layer of a decode pass calls the kernel (CpuOps; counted in the compiled program, where XLA
     has inlined the one traced layer into each); with XLA's ops none does, and they agree."""
-    from pass_jax import model as M
-    from pass_jax.cache import KVCache
-    from pass_jax.config import ModelConfig
+    from pass_jax.models import llama as M
+    from pass_jax.models.cache import KVCache
+    from pass_jax.models.contract import causal_block_mask
+    from pass_jax.models.llama import ModelConfig
 
     cfg = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32,
                       max_position_embeddings=128)
@@ -108,7 +109,7 @@ def test_the_model_attends_with_the_kernel():
 
     def run(ops):
         fn = jax.jit(lambda p, c: M.forward(p, cfg, M.embed_tokens(p, tokens, ops), 10 + tokens,
-                                            M.causal_block_mask(tokens >= 0), c, ops=ops)[0])
+                                            causal_block_mask(tokens >= 0), c, ops=ops)[0])
         calls = fn.lower(params, cache).compile().as_text().count('custom_call_target="pass_jax_attention"')
         return np.asarray(fn(params, cache)), calls
 
@@ -165,10 +166,10 @@ def test_block_kernel_matches_xla_with_gradients(shape):
 def test_training_takes_the_block_kernel():
     """The look-ahead loss's layers call the block kernel once each, forward and gradient (counted in the
     compiled program); XLA's ops (a step's other backend) give the same loss and gradient."""
-    from pass_jax import model as M
-    from pass_jax.config import ModelConfig
-    from pass_jax.lookahead import init_deep, init_lookahead
-    from pass_jax.training import TrainLayout, lookahead_loss
+    from pass_jax.lookahead.leaf import init_deep, init_lookahead
+    from pass_jax.lookahead.training import TrainLayout, lookahead_loss
+    from pass_jax.models import llama as M
+    from pass_jax.models.llama import ModelConfig
 
     cfg = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
                       head_dim=32, max_position_embeddings=64)

@@ -10,10 +10,9 @@ import pytest
 
 from pass_jax.backends.cpu import ffi as cpu_kernel
 from pass_jax.backends.cpu.ops import CpuOps
-from pass_jax.cache import KVCache
-from pass_jax.config import ModelConfig, rope_inv_freq
-from pass_jax.model import embed_tokens
-from pass_jax.ops import XLA
+from pass_jax.backends.xla import XLA
+from pass_jax.models.cache import KVCache
+from pass_jax.models.llama import ModelConfig, embed_tokens, rope_inv_freq
 
 CPU = CpuOps() if cpu_kernel.available() else None  # the tests below skip where the kernels do not build
 

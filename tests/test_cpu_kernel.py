@@ -12,8 +12,8 @@ import pytest
 
 from pass_jax.backends.cpu import ffi as cpu_kernel
 from pass_jax.backends.cpu.ops import CpuOps
-from pass_jax.model import logits_from_hidden
-from pass_jax.ops import XLA
+from pass_jax.backends.xla import XLA
+from pass_jax.models.llama import logits_from_hidden
 
 needs_kernel = pytest.mark.skipif(not cpu_kernel.available(), reason="kernel not built here (see the warning)")
 

@@ -12,10 +12,11 @@ import optax
 import pytest
 
 import pass_jax as pj
-from pass_jax.cache import KVCache
-from pass_jax.checkpoint import load_lookahead
-from pass_jax.model import causal_block_mask, embed_tokens, forward
-from pass_jax.training import TrainLayout, make_train_step
+from pass_jax.io.checkpoint import load_lookahead
+from pass_jax.lookahead.training import TrainLayout, make_train_step
+from pass_jax.models.cache import KVCache
+from pass_jax.models.contract import causal_block_mask
+from pass_jax.models.llama import embed_tokens, forward
 
 from .conftest import prefill_for_rounds, run_and_kill_after_checkpoint, tiny_model
 from .test_train import REPO, _env, _leaf, _train_cmd, base_dir, lookahead_loss  # noqa: F401 -- base_dir: a fixture

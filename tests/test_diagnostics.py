@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 import pass_jax as pj
-from pass_jax.cache import KVCache
-from pass_jax.decode import block_layout
-from pass_jax.diagnostics import branch_layout, diagnose, evaluate, expected_tokens, tree_widths
-from pass_jax.model import embed_tokens, forward, init_params, logits_from_hidden
-from pass_jax.training import TrainLayout
+from pass_jax.decoding.loop import block_layout
+from pass_jax.lookahead.diagnostics import branch_layout, diagnose, evaluate, expected_tokens, tree_widths
+from pass_jax.lookahead.training import TrainLayout
+from pass_jax.models.cache import KVCache
+from pass_jax.models.llama import embed_tokens, forward, init_params, logits_from_hidden
 
 from .conftest import tiny_model
 

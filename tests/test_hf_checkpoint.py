@@ -16,7 +16,7 @@ def _leaves_equal(a, b):
 
 
 def test_save_load_round_trip_is_bit_exact(hf_dirs, tmp_path):
-    for kind in ("llama", "llama3", "qwen2"):
+    for kind in ("llama", "llama3", "qwen2", "qwen3", "gemma3"):
         m = pj.load_model(hf_dirs[kind][1])
         pj.save_model(m, tmp_path / kind)
         again = pj.load_model(tmp_path / kind)
@@ -53,8 +53,9 @@ def test_model_written_from_config_loads_in_transformers(tmp_path):
     """Params we create ourselves (pretraining) save to a directory transformers runs identically."""
     from transformers import AutoModelForCausalLM
 
-    from pass_jax.cache import KVCache
-    from pass_jax.model import causal_block_mask, embed_tokens, forward, init_params, logits_from_hidden
+    from pass_jax.models.cache import KVCache
+    from pass_jax.models.contract import causal_block_mask
+    from pass_jax.models.llama import embed_tokens, forward, init_params, logits_from_hidden
 
     cfg = pj.ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                          num_kv_heads=2, head_dim=8, tie_word_embeddings=True)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import pass_jax as pj
-from pass_jax.cache import KVCache
-from pass_jax.model import causal_block_mask, embed_tokens, forward, logits_from_hidden
+from pass_jax.models.cache import KVCache
+from pass_jax.models.contract import causal_block_mask
 
 from .conftest import ARCHS
 
@@ -21,8 +21,8 @@ TOL = 1e-4
 def _block(params, cfg, tokens, positions, cache):
     """One causal block through the decoder, jitted as decoding runs it: (logits, cache with it written)."""
     mask = causal_block_mask(jnp.ones(tokens.shape, bool))
-    hidden, cache = forward(params, cfg, embed_tokens(params, tokens), positions, mask, cache)
-    return logits_from_hidden(params, hidden), cache
+    hidden, cache = cfg.forward(params, cfg.embed(params, tokens), positions, mask, cache)
+    return cfg.logits(params, hidden), cache
 
 
 def _ref_logits(model, ids):
@@ -73,7 +73,7 @@ def test_stale_cache_entries_past_length_are_invisible(hf_dirs):
     np.testing.assert_allclose(np.asarray(logits), clean[:, 6:], atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "qwen3", "gemma3"])
 def test_greedy_generation_matches_transformers_generate(hf_dirs, kind):
     ref_model, path = hf_dirs[kind]
     m = pj.load_model(path)

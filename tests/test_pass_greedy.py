@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import pass_jax as pj
 from pass_jax.backends import default_ops
-from pass_jax.decode import DecodePlan, DecodeSpec, _round
+from pass_jax.decoding.loop import DecodePlan, DecodeSpec, _round
 
 from .conftest import prefill_for_rounds, tiny_model
 
@@ -52,6 +52,18 @@ def test_greedy_pass_equals_autoregressive(small_vocab_model, k, variant):
         assert all(p <= len(t) for p, t in zip(passes, ps.token_ids)), "more passes than tokens"
         accepted = max(accepted, *ps.stats.acceptance_by_position)
     assert accepted > 0, "the test should exercise accepted drafts"
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "gemma3"])
+def test_greedy_pass_and_ngram_equal_autoregressive_on_the_other_architectures(hf_dirs, kind):
+    """Qwen3 and Gemma 3 through the same decoder contract: every method gives the AR tokens (Gemma's
+    sliding window of 6 is shorter than these requests)."""
+    m = pj.load_model(hf_dirs[kind][1])
+    prompts = [[5, 17, 3, 5, 17, 3], list(range(20, 34)), [9]]
+    ar = pj.generate(m, prompts, max_new_tokens=24, eos_token_id=())
+    for method, extra in (("pass", {}), ("pass", {"variant": "fused", "k": 3}), ("ngram", {})):
+        assert pj.generate(m, prompts, max_new_tokens=24, eos_token_id=(), method=method,
+                           **extra).token_ids == ar.token_ids, (method, extra)
 
 
 def test_greedy_pass_equals_autoregressive_on_hf_checkpoint(hf_dirs):
@@ -185,7 +197,7 @@ def test_prompt_pass_is_autoregressive_decodings_whatever_the_lookahead(tp):
     prompt of 62 slots whose pass with a 4-token look-ahead block would cross the CPU kernels' 64-row
     limit (the block runs as a pass of its own), and for a 70-slot prompt with a longer cache buffer
     (attention does not depend on the buffer's length)."""
-    from pass_jax.decode import Inputs, _prefill
+    from pass_jax.decoding.loop import Inputs, _prefill
 
     m, k = tiny_model(vocab=50, hidden=64, layers=2, heads=2, kv_heads=1, seed=3), 4
     prompts = jnp.asarray(np.random.default_rng(0).integers(0, 50, (2, tp)))
@@ -232,13 +244,14 @@ def test_a_block_computes_each_token_as_1_token_steps_do(dtype):
     width: there XLA's own reduce summed a row of the RMS norm in a row-count-dependent order, and
     XLA fused RoPE into q's and k's consumers differently by pass size; with XLA's RoPE this test
     fails in float32, by ~4e-6)."""
-    from pass_jax import model as M
-    from pass_jax.cache import KVCache
+    from pass_jax.models import llama as M
+    from pass_jax.models.cache import KVCache
+    from pass_jax.models.contract import causal_block_mask
 
     m = tiny_model(vocab=64, hidden=576, layers=2, heads=9, kv_heads=3, seed=5, scale=0.05)
     params, cfg = jax.tree.map(lambda a: a.astype(dtype), m.params), m.config
     ops = default_ops().for_rounds()  # as the decode loop's rounds run
-    fwd = jax.jit(lambda p, t, pos, c: M.forward(p, cfg, M.embed_tokens(p, t, ops), pos, M.causal_block_mask(t >= 0),
+    fwd = jax.jit(lambda p, t, pos, c: M.forward(p, cfg, M.embed_tokens(p, t, ops), pos, causal_block_mask(t >= 0),
                                                  c, ops=ops))
     prompt = jnp.asarray(np.random.default_rng(0).integers(0, 64, (1, 20)))
     _, cache = fwd(params, prompt, jnp.arange(20)[None], KVCache.create(cfg, 1, 64, dtype))

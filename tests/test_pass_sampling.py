@@ -11,16 +11,17 @@ import itertools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pass_jax.decode as decode_mod
 import pytest
 from scipy import stats
 
 import pass_jax as pj
 import pass_jax.api as api_mod
-import pass_jax.decode as decode_mod
-from pass_jax.cache import KVCache
-from pass_jax.model import causal_block_mask, embed_tokens, forward, logits_from_hidden
-from pass_jax.sampling import EMIT, sample
-from pass_jax.tree import DraftTree
+from pass_jax.decoding.sampling import EMIT, sample
+from pass_jax.decoding.tree import DraftTree
+from pass_jax.models.cache import KVCache
+from pass_jax.models.contract import causal_block_mask
+from pass_jax.models.llama import embed_tokens, forward, logits_from_hidden
 
 from .conftest import tiny_model
 

@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 
 import pass_jax as pj
-from pass_jax.model import init_params, param_axes
 from pass_jax.sharding import logical_spec
 
 from .conftest import tiny_model
@@ -109,12 +108,14 @@ def test_loading_onto_a_mesh_reads_only_shards(worker):
     assert checked >= 9
 
 
-def test_param_axes_cover_every_parameter():
+def test_param_axes_cover_every_parameter(hf_dirs):
     fake = types.SimpleNamespace(shape={"data": 2, "model": 4})
-    for kw in ({}, {"tie_word_embeddings": True}, {"attention_bias": True, "o_bias": True}):
-        m = tiny_model(vocab=30, hidden=32, layers=2, heads=4, kv_heads=2, **kw)
-        params = init_params(m.config, jax.random.key(0))
-        axes = param_axes(m.config)
+    configs = [tiny_model(vocab=30, hidden=32, layers=2, heads=4, kv_heads=2, **kw).config
+               for kw in ({}, {"tie_word_embeddings": True}, {"attention_bias": True, "o_bias": True})]
+    configs += [pj.load_model(hf_dirs[kind][1]).config for kind in ("qwen3", "gemma3")]  # the other architectures
+    for cfg in configs:
+        params = cfg.init_params(jax.random.key(0))
+        axes = cfg.param_axes()
 
         def is_axes(x):
             return isinstance(x, tuple)

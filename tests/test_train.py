@@ -14,14 +14,14 @@ import optax
 import pytest
 
 import pass_jax as pj
-from pass_jax import training
 from pass_jax.backends import default_ops
-from pass_jax.cache import KVCache
-from pass_jax.checkpoint import load_lookahead
-from pass_jax.decode import block_layout
-from pass_jax.model import embed_tokens, forward, logits_from_hidden
+from pass_jax.decoding.loop import block_layout
+from pass_jax.io.checkpoint import load_lookahead
+from pass_jax.lookahead import training
+from pass_jax.lookahead.training import TrainLayout, make_train_step
+from pass_jax.models.cache import KVCache
+from pass_jax.models.llama import embed_tokens, forward, logits_from_hidden
 from pass_jax.sharding import make_mesh
-from pass_jax.training import TrainLayout, make_train_step
 
 from .conftest import build_hf_model, run_and_kill_after_checkpoint, tiny_model
 
@@ -89,7 +89,7 @@ def test_points_per_row_weigh_exactly_the_blocks_they_place(loss):
 
 def test_top_c_hinge_asks_only_for_a_place_among_the_top_c():
     """softplus(c-th best other score - target score): the target 2nd of 5 satisfies c = 2, not c = 1."""
-    from pass_jax.training import _top_c_hinge
+    from pass_jax.lookahead.training import _top_c_hinge
 
     scores = jnp.asarray([[[5.0, 4.0, 3.0, 2.0, 1.0]] * 2])  # [B=1, n=2 (k=2, one point), V=5]
     target = jnp.asarray([[1, 1]])
@@ -150,8 +150,8 @@ def _autodiff_swiglu(gate_up):
 def test_written_out_gradients_equal_autodiffs(name):
     """The loss's and the MLP's hand-written gradients (kept for speed) are autodiff's of the plain expressions,
     on values large enough to overflow a naive exp; the forward values are the plain ones."""
-    from pass_jax.model import swiglu
-    from pass_jax.training import target_log_prob
+    from pass_jax.lookahead.training import target_log_prob
+    from pass_jax.models.layers import swiglu
 
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((3, 5, 40)) * 8 + 200, jnp.float32)

@@ -10,11 +10,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pass_jax as pj
-from pass_jax.cache import KVCache
-from pass_jax.decode import DecodePlan, DecodeSpec, _tree_method_round
-from pass_jax.model import causal_block_mask, embed_tokens, forward
-from pass_jax.ngram import prompt_lookup, row_history
-from pass_jax.tree import DraftTree
+from pass_jax.decoding.loop import DecodePlan, DecodeSpec, _tree_method_round
+from pass_jax.decoding.ngram import prompt_lookup, row_history
+from pass_jax.decoding.tree import DraftTree
+from pass_jax.models.cache import KVCache
+from pass_jax.models.contract import causal_block_mask
+from pass_jax.models.llama import embed_tokens, forward
 
 from .conftest import prefill_for_rounds, tiny_model
 from .test_pass_greedy import PROMPTS, _constant_model, _eos_inside_budget
@@ -181,7 +182,7 @@ def test_sampled_tree_equals_autoregressive_sampling_for_the_same_seed(small_voc
 
 
 def test_top_k_equals_lax_top_k_with_ties():
-    from pass_jax.sampling import top_k
+    from pass_jax.decoding.sampling import top_k
 
     x = jax.random.normal(jax.random.key(0), (3, 5000))
     for v in (x, jnp.round(x * 2)):  # many ties

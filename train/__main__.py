@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from pass_jax.cache import CacheOverflowError
-from pass_jax.config import ConfigError
+from pass_jax.errors import CacheOverflowError, ConfigError
 
 
 def main(argv=None) -> int:

@@ -69,7 +69,7 @@ def run(args) -> int:
     from infer.options import check_k_arg, resolve_lookahead, with_demo_defaults
     from pass_jax import generate, load_model, untrained_lookahead
     from pass_jax.api import DEFAULT_TREE, _tokenize
-    from pass_jax.diagnostics import evaluate, tree_widths
+    from pass_jax.lookahead.diagnostics import evaluate, tree_widths
 
     check_k_arg(args.k)
     if args.max_new_tokens < 2 or args.beam < 1 or args.ceiling_depth < 0 or args.batch_size < 1:

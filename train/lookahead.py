@@ -200,11 +200,11 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from pass_jax import generate, load_model, untrained_lookahead
-    from pass_jax.checkpoint import save_lookahead
-    from pass_jax.diagnostics import evaluate as diagnose_lookahead
-    from pass_jax.lookahead import check_k, init_deep, init_lookahead
+    from pass_jax.io.checkpoint import save_lookahead
+    from pass_jax.lookahead.diagnostics import evaluate as diagnose_lookahead
+    from pass_jax.lookahead.leaf import check_k, init_deep, init_lookahead
+    from pass_jax.lookahead.training import TrainLayout, make_train_step
     from pass_jax.sharding import make_mesh, replicate, shard_batch, shard_params
-    from pass_jax.training import TrainLayout, make_train_step
 
     from .common import check_resume
     from .data import Batches, RowBatches, read_texts, tokenize
@@ -213,7 +213,7 @@ def run(args) -> int:
         raise ValueError("--model and --out are required (on the command line or in --config)")
     k = check_k(args.k)
     if args.model == "smollm2":  # the name the other commands take; no demo fallback: that would train another model
-        from pass_jax.smollm2 import smollm2_dir
+        from pass_jax.models.presets import smollm2_dir
 
         args.model = str(smollm2_dir())
     if args.save_every < 1 or args.eval_every < 1 or args.steps < 1:
@@ -253,7 +253,8 @@ def run(args) -> int:
     if args.init == "token":
         la = untrained_lookahead(model, k)
     else:
-        la = init_lookahead(model.params, k, args.init, key=jax.random.key(args.seed))
+        la = init_lookahead(model.params, k, args.init, key=jax.random.key(args.seed),
+                            embed_scale=getattr(model.config, "embed_scale", 1.0))
     if args.deep:
         la = init_deep(la, model.config, args.deep, jax.random.key(args.seed + 1))
     state = {"lookahead": la, "opt_state": tx.init(la)}

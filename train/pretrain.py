@@ -69,14 +69,14 @@ def lm_loss(params, cfg, tokens):
     """Mean next-token cross-entropy of a batch [B, L]."""
     import jax.numpy as jnp
 
-    from pass_jax.cache import KVCache
-    from pass_jax.model import causal_block_mask, embed_tokens, forward, logits_from_hidden
-    from pass_jax.training import target_log_prob
+    from pass_jax.lookahead.training import target_log_prob
+    from pass_jax.models.cache import KVCache
+    from pass_jax.models.contract import causal_block_mask
 
     b, length = tokens.shape
-    hidden, _ = forward(params, cfg, embed_tokens(params, tokens), jnp.broadcast_to(jnp.arange(length), (b, length)),
+    hidden, _ = cfg.forward(params, cfg.embed(params, tokens), jnp.broadcast_to(jnp.arange(length), (b, length)),
                         causal_block_mask(jnp.ones((b, length), bool)), KVCache.create(cfg, b, length))
-    return -jnp.mean(target_log_prob(logits_from_hidden(params, hidden[:, :-1]), tokens[:, 1:]))
+    return -jnp.mean(target_log_prob(cfg.logits(params, hidden[:, :-1]), tokens[:, 1:]))
 
 
 def run(args) -> int:
@@ -88,7 +88,7 @@ def run(args) -> int:
 
     from pass_jax import Model, ModelConfig, save_model
     from pass_jax.api import DTYPES
-    from pass_jax.model import init_params
+    from pass_jax.models.llama import init_params
 
     from .data import Batches, tokenize
 

@@ -36,8 +36,8 @@ class RealPasses:
         import jax
         from tqdm import tqdm
 
+        from pass_jax.lookahead.training import real_pass
         from pass_jax.sharding import shard_batch
-        from pass_jax.training import real_pass
 
         n, length = tokens.shape
         run = jax.jit(lambda p, x: real_pass(p, cfg, x))
@@ -58,7 +58,7 @@ class RealPasses:
 
     def get(self, rows: np.ndarray, mesh):
         """(hidden, KVCache) of these rows, placed like a batch on the mesh: `lookahead_loss`'s `real`."""
-        from pass_jax.cache import KVCache
+        from pass_jax.models.cache import KVCache
         from pass_jax.sharding import CACHE_AXES, logical_sharding, place, shard_batch
 
         def entries(store):  # laid out like a generation cache: rows over "data", KV heads over "model"

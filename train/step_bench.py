@@ -49,24 +49,24 @@ def one_pass_loss(lookahead, params, cfg, tokens, layout, loss="ce", decay=1.0, 
     import jax
     import jax.numpy as jnp
 
-    from pass_jax.cache import KVCache
-    from pass_jax.lookahead import split_lookahead
-    from pass_jax.model import embed_tokens, forward, logits_from_hidden
+    from pass_jax.lookahead.leaf import split_lookahead
+    from pass_jax.models.cache import KVCache
+    from pass_jax.models.contract import params_dtype
 
     lookahead, prefix = split_lookahead(lookahead)
     positions, mask, target_idx = (jnp.asarray(a) for a in layout.arrays())
     b, n = tokens.shape[0], target_idx.shape[0]
     blocks = jnp.broadcast_to(jnp.tile(lookahead, (n // layout.k, 1)), (b, n, lookahead.shape[1]))
-    embeds = jnp.concatenate([embed_tokens(params, tokens, ops), blocks], 1)
+    embeds = jnp.concatenate([cfg.embed(params, tokens, ops), blocks], 1)
     t = embeds.shape[1]
-    hidden, _ = forward(params, cfg, embeds, jnp.broadcast_to(positions, (b, t)), jnp.broadcast_to(mask, (b, t, t)),
-                        KVCache.create(cfg, b, t, params["embed"].dtype), prefix=prefix,
+    hidden, _ = cfg.forward(params, embeds, jnp.broadcast_to(positions, (b, t)), jnp.broadcast_to(mask, (b, t, t)),
+                        KVCache.create(cfg, b, t, params_dtype(params)), prefix=prefix,
                         prefix_rows=jnp.broadcast_to(jnp.arange(t) >= layout.seq_len, (b, t)), ops=ops)
-    student = jax.nn.log_softmax(logits_from_hidden(params, hidden[:, layout.seq_len:], ops), -1)
+    student = jax.nn.log_softmax(cfg.logits(params, hidden[:, layout.seq_len:], ops), -1)
     if loss == "ce":
         per = -jnp.take_along_axis(student, tokens[:, target_idx][..., None], -1)[..., 0]
     else:
-        teacher = jax.lax.stop_gradient(jax.nn.log_softmax(logits_from_hidden(params, hidden[:, target_idx - 1], ops),
+        teacher = jax.lax.stop_gradient(jax.nn.log_softmax(cfg.logits(params, hidden[:, target_idx - 1], ops),
                                                            -1))
         per = jnp.sum(jnp.exp(teacher) * (teacher - student), -1)
     weight = jnp.broadcast_to(decay ** jnp.tile(jnp.arange(layout.k), n // layout.k), (b, n))
@@ -113,9 +113,9 @@ def run(args) -> int:
     from infer.timing import machine
     from pass_jax import load_model, untrained_lookahead
     from pass_jax.backends import default_ops
-    from pass_jax.lookahead import check_k, init_deep
-    from pass_jax.ops import XLA
-    from pass_jax.training import TrainLayout, lookahead_loss, real_pass
+    from pass_jax.backends.xla import XLA
+    from pass_jax.lookahead.leaf import check_k, init_deep
+    from pass_jax.lookahead.training import TrainLayout, lookahead_loss, real_pass
 
     k = check_k(args.k)
     path = with_demo_defaults(args.model, None)[0]

@@ -79,9 +79,9 @@ def run(args) -> int:
     from infer.options import with_demo_defaults
     from pass_jax import generate, load_model, untrained_lookahead
     from pass_jax.api import _tokenize
-    from pass_jax.checkpoint import load_lookahead
-    from pass_jax.diagnostics import evaluate
-    from pass_jax.lookahead import init_lookahead
+    from pass_jax.io.checkpoint import load_lookahead
+    from pass_jax.lookahead.diagnostics import evaluate
+    from pass_jax.lookahead.leaf import init_lookahead
 
     spec = yaml.safe_load(Path(args.recipes).read_text()) or {}
     base, variants = spec.get("base", {}), spec.get("variants", [])
@@ -128,7 +128,7 @@ def run(args) -> int:
         results["untrained"] = {**score(untrained_lookahead(model, ks[-1]), ceiling=True), "train_seconds": 0.0}
         results_path.write_text(json.dumps(results, indent=2))
     if "untrained mean embedding" not in results:  # the start of `--init mean` runs
-        results["untrained mean embedding"] = {**score(init_lookahead(model.params, ks[-1], "mean"), ceiling=False),
+        results["untrained mean embedding"] = {**score(init_lookahead(model.params, ks[-1], "mean", embed_scale=getattr(model.config, "embed_scale", 1.0)), ceiling=False),
                                                "train_seconds": 0.0}
         results_path.write_text(json.dumps(results, indent=2))
     generated: dict = {}  # self-data settings -> the rows a first variant generated: the others reuse them

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 
-from ..ops import XLA, XlaOps
+from .xla import XLA, XlaOps
 
 BACKENDS = ("auto", "xla", "cpu")
 

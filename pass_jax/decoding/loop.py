@@ -27,15 +27,14 @@ import numpy as np
 from flax import struct
 from jax.sharding import Mesh
 
-from .backends import resolve
-from .cache import KVCache, write_block
-from .config import ModelConfig
-from .lookahead import split_lookahead
-from .model import causal_block_mask, embed_tokens, forward, logits_from_hidden
+from ..backends import resolve
+from ..backends.xla import XlaOps
+from ..lookahead.leaf import split_lookahead
+from ..models.cache import KVCache, write_block
+from ..models.contract import Decoder, causal_block_mask, params_dtype
+from ..sharding import constrain_cache
 from .ngram import prompt_lookup, row_history
-from .ops import XlaOps
 from .sampling import DRAFT, EMIT, Sampler, position_keys, sample, top_k, verify, verify_tree
-from .sharding import constrain_cache
 from .tree import DraftTree
 
 
@@ -111,9 +110,9 @@ def _forward(plan: DecodePlan, inp: Inputs, embeds, positions, mask, cache, n_re
     if plan.max_position is not None:
         positions = jnp.minimum(positions, plan.max_position)
     if inp.prefix is None or n_real >= embeds.shape[1]:  # no look-ahead rows: autoregressive decoding's graph
-        return forward(inp.params, plan.cfg, embeds, positions, mask, cache, visible=visible, ops=ops)
+        return plan.cfg.forward(inp.params, embeds, positions, mask, cache, visible=visible, ops=ops)
     rows = jnp.broadcast_to(jnp.arange(embeds.shape[1]) >= n_real, embeds.shape[:2])
-    return forward(inp.params, plan.cfg, embeds, positions, mask, cache, visible=visible, prefix=inp.prefix,
+    return plan.cfg.forward(inp.params, embeds, positions, mask, cache, visible=visible, prefix=inp.prefix,
                    prefix_rows=rows, ops=ops)
 
 
@@ -167,17 +166,17 @@ def _emit(state: DecodeState, spec: DecodeSpec, emitted, n_emit, pending, commit
 
 def _round(plan: DecodePlan, inp: Inputs, state: DecodeState, use_drafts: bool, use_la: bool) -> DecodeState:
     """One chain round: [pending token, drafts?, look-ahead block?]; verify, emit, take new drafts."""
-    params, spec, lookahead, row_keys, ops = inp.params, plan.spec, inp.lookahead, inp.row_keys, plan.round_ops
+    params, cfg, spec, lookahead, row_keys, ops = inp.params, plan.cfg, plan.spec, inp.lookahead, inp.row_keys, plan.round_ops
     b, k = state.pending.shape[0], spec.k
     n_drafts = state.n_drafts if use_drafts else jnp.zeros_like(state.n_drafts)
     drafts = state.drafts if use_drafts else state.drafts[:, :0]
-    embeds = embed_tokens(params, jnp.concatenate([state.pending[:, None], drafts], 1), ops)
+    embeds = cfg.embed(params, jnp.concatenate([state.pending[:, None], drafts], 1), ops)
     n_tok = embeds.shape[1]
     if use_la:
         embeds = jnp.concatenate([embeds, jnp.broadcast_to(lookahead.astype(jnp.float32), (b,) + lookahead.shape)], 1)
     positions, mask = block_layout(state.cache.lengths, n_drafts, n_tok, k if use_la else 0)
     hidden, cache = _forward(plan, inp, embeds, positions, mask, state.cache, n_tok, ops)
-    logits = logits_from_hidden(params, hidden, ops)
+    logits = cfg.logits(params, hidden, ops)
     keys = position_keys(row_keys, state.out_len[:, None] + jnp.arange(n_tok)[None])
     probs = state.draft_probs if use_drafts else state.draft_probs[:, :0]
     a, nxt = verify(logits[:, :n_tok], drafts, probs, n_drafts, spec.sampler, keys)
@@ -203,7 +202,7 @@ def _tree_round(plan: DecodePlan, inp: Inputs, state: DecodeState, tree: DraftTr
     `tree` is spec.tree or spec.tree.without_ngram() (its first nodes, same look-ahead blocks);
     ngram = (tokens, valid) [B, tree.ngram] are the n-gram chain's candidates.
     """
-    params, spec, ops = inp.params, plan.spec, plan.round_ops
+    params, cfg, spec, ops = inp.params, plan.cfg, plan.spec, plan.round_ops
     k, b = spec.k, state.pending.shape[0]
     n, n_blocks = tree.num_nodes, tree.num_blocks(k)
     depth, ancestors = jnp.asarray(tree.depth), jnp.asarray(tree.ancestors)
@@ -217,7 +216,7 @@ def _tree_round(plan: DecodePlan, inp: Inputs, state: DecodeState, tree: DraftTr
         tokens.append(ngram[0])
         valid.append(ngram[1])
     tokens, valid = jnp.concatenate(tokens, 1), jnp.concatenate(valid, 1)
-    embeds = embed_tokens(params, tokens, ops)
+    embeds = cfg.embed(params, tokens, ops)
     if n_blocks:
         blocks = jnp.tile(inp.lookahead.astype(jnp.float32), (n_blocks, 1))
         embeds = jnp.concatenate([embeds, jnp.broadcast_to(blocks, (b,) + blocks.shape)], 1)
@@ -225,7 +224,7 @@ def _tree_round(plan: DecodePlan, inp: Inputs, state: DecodeState, tree: DraftTr
     hidden, cache = _forward(plan, inp, embeds, state.cache.lengths[:, None] + offsets[None],
                              jnp.broadcast_to(block_mask, (b,) + block_mask.shape), state.cache, n, ops)
     keys = position_keys(inp.row_keys, state.out_len[:, None] + depth[None])[:, :, EMIT]
-    logits = logits_from_hidden(params, hidden, ops)  # every slot at once: the head's weights are read once a round
+    logits = cfg.logits(params, hidden, ops)  # every slot at once: the head's weights are read once a round
     end, draws = verify_tree(logits[:, :n], tokens, valid, tree.parents, ancestors, spec.sampler, keys)
     a = depth[end]  # accepted drafts
     # path[b, d]: the accepted node at depth d; emit its drafts, then the model's draw at the end node
@@ -263,14 +262,14 @@ def _prefill(plan: DecodePlan, inp: Inputs) -> DecodeState:
     # A prompt's entries must not depend on the cache buffer's length, which differs between methods:
     # the backend's prefill variant of its ops (ops.for_prefill) sees to it.
     ops = plan.backend.for_prefill()
-    cache = KVCache.create(cfg, b, plan.max_len, params["embed"].dtype)
+    cache = KVCache.create(cfg, b, plan.max_len, params_dtype(params))
     last = inp.prompt_lens - 1
     positions, mask = block_layout(cache.lengths, last, tp, 0)
-    hidden, cache = _forward(plan, inp, embed_tokens(params, prompts, ops), positions, mask, cache, tp, ops)
+    hidden, cache = _forward(plan, inp, cfg.embed(params, prompts, ops), positions, mask, cache, tp, ops)
     if use_la:
         la_hidden, cache = _prefill_lookahead(plan, inp, cache, last, ops)
     rows = jnp.arange(b)
-    logits = logits_from_hidden(params, hidden[rows, last], ops)[:, None]
+    logits = cfg.logits(params, hidden[rows, last], ops)[:, None]
     zero = jnp.zeros((b,), jnp.int32)
     keys = position_keys(inp.row_keys, zero[:, None])
     _, first = verify(logits, prompts[:, :0], jnp.zeros((b, 0, 1)), zero, spec.sampler, keys)
@@ -283,10 +282,10 @@ def _prefill(plan: DecodePlan, inp: Inputs) -> DecodeState:
         node_hits=jnp.zeros((spec.tree.num_nodes,), jnp.int32) if spec.is_tree else None,
         ngram_rows=jnp.int32(0) if spec.is_tree and spec.tree.ngram else None)
     if use_la and spec.is_tree:
-        top = top_k(logits_from_hidden(params, la_hidden, ops), spec.tree.max_rank)[1]
+        top = top_k(cfg.logits(params, la_hidden, ops), spec.tree.max_rank)[1]
         state = state.replace(top_candidates=top.astype(jnp.int32), n_drafts=jnp.full((b,), k, jnp.int32))
     elif use_la:
-        new, q = _drafts_from_logits(logits_from_hidden(params, la_hidden, ops), spec, inp.row_keys,
+        new, q = _drafts_from_logits(cfg.logits(params, la_hidden, ops), spec, inp.row_keys,
                                      jnp.ones((b,), jnp.int32))
         state = state.replace(drafts=new, draft_probs=q.astype(jnp.float32), n_drafts=jnp.full((b,), k, jnp.int32))
     return _emit(state, spec, first[:, None], jnp.ones_like(zero), first, commit=inp.prompt_lens)
@@ -317,9 +316,9 @@ def _draft_with_model(plan: DecodePlan, inp: Inputs, state: DecodeState) -> Deco
 
     def one(i, carry):
         cache, token, drafts, probs = carry
-        hidden, cache = forward(params, cfg, embed_tokens(params, token[:, None], ops), cache.lengths[:, None], ones,
-                                cache, ops=ops)
-        new, q = _drafts_from_logits(logits_from_hidden(params, hidden, ops), spec, inp.row_keys, state.out_len + i)
+        hidden, cache = cfg.forward(params, cfg.embed(params, token[:, None], ops), cache.lengths[:, None], ones,
+                                    cache, ops=ops)
+        new, q = _drafts_from_logits(cfg.logits(params, hidden, ops), spec, inp.row_keys, state.out_len + i)
         drafts = jax.lax.dynamic_update_slice_in_dim(drafts, new, jnp.minimum(i, k - 1), 1)
         probs = jax.lax.dynamic_update_slice_in_dim(probs, q.astype(probs.dtype), jnp.minimum(i, k - 1), 1)
         keep = i < k  # the extra pass only writes the last draft into the cache
@@ -335,9 +334,9 @@ def _prefill_draft_model(plan: DecodePlan, inp: Inputs, state: DecodeState) -> D
     """The draft model's own cache over the prompts, at the target's lengths."""
     b, tp = inp.prompts.shape
     params, cfg = inp.draft_params, plan.draft_cfg
-    _, cache = forward(params, cfg, embed_tokens(params, inp.prompts, plan.backend),
+    _, cache = cfg.forward(params, cfg.embed(params, inp.prompts, plan.backend),
                        jnp.broadcast_to(jnp.arange(tp), (b, tp)), causal_block_mask(jnp.ones((b, tp), bool)),
-                       KVCache.create(cfg, b, plan.max_len, params["embed"].dtype), ops=plan.backend)
+                       KVCache.create(cfg, b, plan.max_len, params_dtype(params)), ops=plan.backend)
     return state.replace(draft_cache=cache.replace(lengths=state.cache.lengths))
 
 
@@ -410,10 +409,10 @@ class DecodePlan:
     spec, the KV cache size and the draft model's config. Calling it is the whole decode: pure,
     one `lax.while_loop`; under `jax.jit` pass the plan as a static argument (or close over it)."""
 
-    cfg: ModelConfig
+    cfg: Decoder
     spec: DecodeSpec
     max_len: int
-    draft_cfg: ModelConfig | None = None
+    draft_cfg: Decoder | None = None
     mesh: Mesh | None = None  # a (data, model) mesh: the KV caches are pinned to sharding.CACHE_AXES
     max_position: int | None = None  # the last RoPE position a pass may use (None: any)
     ops: XlaOps | None = None  # the backend (pass_jax.ops; None: backends.default_ops(), this process's choice)

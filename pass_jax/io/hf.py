@@ -11,9 +11,8 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from .config import ConfigError, ModelConfig
-
-_LAYER = "model.layers.{}."
+from ..errors import ConfigError
+from ..models import config_from_hf
 
 
 def read_hf_config(model_dir: str | os.PathLike) -> dict[str, Any]:
@@ -60,39 +59,36 @@ def _load_any_dtype(f: Path, load_file) -> dict[str, np.ndarray]:
         return {k: np.asarray(v) for k, v in load_jax(str(f)).items()}
 
 
-def params_from_hf_tensors(cfg: ModelConfig, t: dict[str, np.ndarray], dtype) -> dict:
-    """Map HF names/layouts ([out, in] linear weights) to ours ([in, out], q/k/v and gate/up fused)."""
+def is_source(x) -> bool:
+    """A leaf of a decoder's `hf_sources()` tree: (HF tensor names, transposed?, widths or None)."""
+    return isinstance(x, tuple) and len(x) == 3 and isinstance(x[0], list)
+
+
+def _shapes(cfg, dtype):
+    import jax
+
+    return jax.eval_shape(lambda: cfg.init_params(jax.random.key(0), dtype))
+
+
+def params_from_hf_tensors(cfg, t: dict[str, np.ndarray], dtype) -> dict:
+    """The params of a decoder (`cfg.hf_sources()` says where each comes from) out of HF tensors by name:
+    linear weights [out, in] become ours [in, out], fused ones concatenated along the last axis."""
+    import jax
+
     def get(name):
         if name not in t:
             raise ConfigError(f"checkpoint lacks tensor {name!r}")
         return np.asarray(t[name], np.float32)
 
-    def cast(x):
+    def build(source, want):
+        names, transposed, _ = source
+        parts = [get(n).T if transposed else get(n) for n in names]
+        x = np.concatenate(parts, -1) if len(parts) > 1 else parts[0]
+        if x.shape != want.shape:
+            raise ConfigError(f"{' + '.join(names)} has shape {x.shape}, the config implies {want.shape}")
         return jnp.asarray(x, dtype)
 
-    layers = []
-    for i in range(cfg.num_layers):
-        p = _LAYER.format(i)
-        layer = {
-            "attn_norm": cast(get(p + "input_layernorm.weight")),
-            "qkv": cast(np.concatenate([get(p + f"self_attn.{n}_proj.weight") for n in "qkv"], 0).T),
-            "o": cast(get(p + "self_attn.o_proj.weight").T),
-            "mlp_norm": cast(get(p + "post_attention_layernorm.weight")),
-            "gate_up": cast(np.concatenate([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")], 0).T),
-            "down": cast(get(p + "mlp.down_proj.weight").T),
-        }
-        if cfg.attention_bias:
-            layer["qkv_bias"] = cast(np.concatenate([get(p + f"self_attn.{n}_proj.bias") for n in "qkv"]))
-        if cfg.o_bias:
-            layer["o_bias"] = cast(get(p + "self_attn.o_proj.bias"))
-        layers.append(layer)
-    params = {"embed": cast(get("model.embed_tokens.weight")), "layers": layers, "norm": cast(get("model.norm.weight"))}
-    if not cfg.tie_word_embeddings:
-        params["lm_head"] = cast(get("lm_head.weight").T)
-    want = (cfg.vocab_size, cfg.hidden_size)
-    if params["embed"].shape != want:
-        raise ConfigError(f"embed_tokens has shape {params['embed'].shape}, config says {want}")
-    return params
+    return jax.tree.map(build, cfg.hf_sources(), _shapes(cfg, dtype), is_leaf=is_source)
 
 
 class SliceReader:
@@ -123,30 +119,6 @@ class SliceReader:
         return self.files[name].get_slice(name)[index]
 
 
-def _hf_sources(cfg: ModelConfig) -> dict:
-    """Where each param comes from, as the params tree: (HF tensors concatenated along our last
-    axis, transposed?). HF linear weights are [out, in], ours [in, out]; q/k/v and gate/up fused."""
-    def layer(i):
-        p = _LAYER.format(i)
-        src = {"attn_norm": ([p + "input_layernorm.weight"], False),
-               "qkv": ([p + f"self_attn.{n}_proj.weight" for n in "qkv"], True),
-               "o": ([p + "self_attn.o_proj.weight"], True),
-               "mlp_norm": ([p + "post_attention_layernorm.weight"], False),
-               "gate_up": ([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"], True),
-               "down": ([p + "mlp.down_proj.weight"], True)}
-        if cfg.attention_bias:
-            src["qkv_bias"] = ([p + f"self_attn.{n}_proj.bias" for n in "qkv"], False)
-        if cfg.o_bias:
-            src["o_bias"] = ([p + "self_attn.o_proj.bias"], False)
-        return src
-
-    src = {"embed": (["model.embed_tokens.weight"], False), "layers": [layer(i) for i in range(cfg.num_layers)],
-           "norm": (["model.norm.weight"], False)}
-    if not cfg.tie_word_embeddings:
-        src["lm_head"] = (["lm_head.weight"], True)
-    return src
-
-
 def read_param_slice(reader: SliceReader, names: list[str], transposed: bool, shape: tuple[int, ...],
                      index: tuple[slice, ...]) -> np.ndarray:
     """param[index] for a param of `shape` made of `names` concatenated along its last axis (each
@@ -171,19 +143,18 @@ def read_param_slice(reader: SliceReader, names: list[str], transposed: bool, sh
     return np.concatenate(parts, -1) if len(parts) > 1 else parts[0]
 
 
-def load_sharded_params(cfg: ModelConfig, reader: SliceReader, dtype, mesh) -> dict:
+def load_sharded_params(cfg, reader: SliceReader, dtype, mesh) -> dict:
     """Params as global arrays on `mesh` (sharding.LOGICAL_RULES), each process reading only the
     slices its own devices hold (`jax.make_array_from_callback` asks for exactly those)."""
     import jax
 
-    from .model import init_params
-    from .sharding import param_shardings
+    from ..sharding import param_shardings
 
-    shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), dtype))
+    shapes = _shapes(cfg, dtype)
     np_dtype = np.dtype(dtype)
 
     def load(source, shape, sharding):
-        names, transposed = source
+        names, transposed, _ = source
         cache = {}  # devices that hold the same slice (replicas over the other mesh axis) share one read
 
         def shard(index):
@@ -194,44 +165,31 @@ def load_sharded_params(cfg: ModelConfig, reader: SliceReader, dtype, mesh) -> d
 
         return jax.make_array_from_callback(shape.shape, sharding, shard)
 
-    def is_source(x):
-        return isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], list)
-
-    return jax.tree.map(load, _hf_sources(cfg), shapes, param_shardings(cfg, mesh, shapes), is_leaf=is_source)
+    return jax.tree.map(load, cfg.hf_sources(), shapes, param_shardings(cfg, mesh, shapes), is_leaf=is_source)
 
 
-def hf_tensors_from_params(cfg: ModelConfig, params: dict) -> dict[str, np.ndarray]:
+def hf_tensors_from_params(cfg, params: dict) -> dict[str, np.ndarray]:
     """Inverse of params_from_hf_tensors, in the params' own dtype."""
-    def np_(x):
-        return np.ascontiguousarray(np.asarray(x))
+    import jax
 
-    hd = cfg.head_dim
-    splits = np.cumsum([cfg.num_heads * hd, cfg.num_kv_heads * hd])
-    t = {"model.embed_tokens.weight": np_(params["embed"]), "model.norm.weight": np_(params["norm"])}
-    for i, layer in enumerate(params["layers"]):
-        p = _LAYER.format(i)
-        for n, w in zip("qkv", np.split(np.asarray(layer["qkv"]), splits, axis=1)):
-            t[p + f"self_attn.{n}_proj.weight"] = np_(w.T)
-        if "qkv_bias" in layer:
-            for n, b in zip("qkv", np.split(np.asarray(layer["qkv_bias"]), splits)):
-                t[p + f"self_attn.{n}_proj.bias"] = np_(b)
-        t[p + "self_attn.o_proj.weight"] = np_(np.asarray(layer["o"]).T)
-        if "o_bias" in layer:
-            t[p + "self_attn.o_proj.bias"] = np_(layer["o_bias"])
-        gate, up = np.split(np.asarray(layer["gate_up"]), 2, axis=1)
-        t[p + "mlp.gate_proj.weight"], t[p + "mlp.up_proj.weight"] = np_(gate.T), np_(up.T)
-        t[p + "mlp.down_proj.weight"] = np_(np.asarray(layer["down"]).T)
-        t[p + "input_layernorm.weight"] = np_(layer["attn_norm"])
-        t[p + "post_attention_layernorm.weight"] = np_(layer["mlp_norm"])
-    if "lm_head" in params:
-        t["lm_head.weight"] = np_(np.asarray(params["lm_head"]).T)
-    return t
+    tensors: dict[str, np.ndarray] = {}
+
+    def put(source, x):
+        names, transposed, widths = source
+        x = np.asarray(x)
+        parts = np.split(x, np.cumsum(widths)[:-1], axis=-1) if widths else [x]
+        for name, part in zip(names, parts):
+            tensors[name] = np.ascontiguousarray(part.T if transposed else part)
+
+    jax.tree.map(put, cfg.hf_sources(), params, is_leaf=is_source)
+    return tensors
 
 
-def load_hf(model_dir: str | os.PathLike, dtype=jnp.float32, mesh=None) -> tuple[ModelConfig, dict, dict[str, Any]]:
-    """(config, params, raw config.json) from a Hugging Face directory; on a mesh, read shard by shard."""
+def load_hf(model_dir: str | os.PathLike, dtype=jnp.float32, mesh=None) -> tuple[Any, dict, dict[str, Any]]:
+    """(decoder config, params, raw config.json) from a Hugging Face directory of any registered
+    architecture (pass_jax.models); on a mesh, read shard by shard."""
     hf = read_hf_config(model_dir)
-    cfg = ModelConfig.from_hf_dict(hf)
+    cfg = config_from_hf(hf)
     gen_path = Path(model_dir) / "generation_config.json"
     if gen_path.is_file():  # chat models list extra stop tokens there (e.g. Llama-3's <|eot_id|>)
         try:
@@ -245,7 +203,7 @@ def load_hf(model_dir: str | os.PathLike, dtype=jnp.float32, mesh=None) -> tuple
     return cfg, params_from_hf_tensors(cfg, _read_tensors(Path(model_dir)), dtype), hf
 
 
-def save_hf(model_dir: str | os.PathLike, cfg: ModelConfig, params: dict, hf_config: dict[str, Any] | None = None,
+def save_hf(model_dir: str | os.PathLike, cfg, params: dict, hf_config: dict[str, Any] | None = None,
             max_shard_bytes: int | None = None) -> None:
     """Write config.json and safetensors (sharded with an index past max_shard_bytes)."""
     from safetensors.numpy import save_file

@@ -23,11 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .cache import KVCache
-from .config import ModelConfig
-from .lookahead import split_lookahead
-from .model import embed_tokens, forward, logits_from_hidden
-from .tree import DraftTree
+from ..decoding.tree import DraftTree
+from ..models.cache import KVCache
+from ..models.contract import Decoder, params_dtype
+from .leaf import split_lookahead
 
 TOPS = (1, 5, 10)
 
@@ -52,20 +51,20 @@ def branch_layout(length: int, roots: jax.Array, depth: int):
     return positions.astype(jnp.int32), jnp.concatenate([top, bottom], 1)
 
 
-def _branch_hidden(params, cfg: ModelConfig, tokens, roots, branch_embeds, depth: int, prefix=None):
+def _branch_hidden(params, cfg: Decoder, tokens, roots, branch_embeds, depth: int, prefix=None):
     """Final hidden states of the real tokens [B, L, D] and of the branch slots [B, N*depth, D], in one pass
     (branch slots see a deep look-ahead's prefix when one is given)."""
     b, length = tokens.shape
     positions, mask = branch_layout(length, roots, depth)
-    embeds = jnp.concatenate([embed_tokens(params, tokens), branch_embeds.astype(jnp.float32)], 1)
-    cache = KVCache.create(cfg, b, embeds.shape[1], params["embed"].dtype)
+    embeds = jnp.concatenate([cfg.embed(params, tokens), branch_embeds.astype(jnp.float32)], 1)
+    cache = KVCache.create(cfg, b, embeds.shape[1], params_dtype(params))
     rows = None if prefix is None else jnp.broadcast_to(jnp.arange(embeds.shape[1]) >= length, embeds.shape[:2])
-    hidden, _ = forward(params, cfg, embeds, positions, mask, cache, prefix=prefix, prefix_rows=rows)
+    hidden, _ = cfg.forward(params, embeds, positions, mask, cache, prefix=prefix, prefix_rows=rows)
     return hidden[:, :length], hidden[:, length:]
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "n_points", "ceiling_depth", "beam"))
-def diagnose(params, cfg: ModelConfig, lookahead, tokens, first, lengths, *, n_points: int,
+def diagnose(params, cfg: Decoder, lookahead, tokens, first, lengths, *, n_points: int,
              ceiling_depth: int = 2, beam: int = 8) -> dict:
     """Ranks and ceiling hits at insertion points t = first + j, j < n_points, for a batch of sequences.
 
@@ -85,14 +84,14 @@ def diagnose(params, cfg: ModelConfig, lookahead, tokens, first, lengths, *, n_p
 
     la = jnp.broadcast_to(jnp.tile(lookahead, (n_points, 1)), (b, n_points * k, dim))
     real_h, la_h = _branch_hidden(params, cfg, tokens, roots, la, k, prefix)
-    real_logp = jax.nn.log_softmax(logits_from_hidden(params, real_h), -1)  # [B, L, V]
+    real_logp = jax.nn.log_softmax(cfg.logits(params, real_h), -1)  # [B, L, V]
     greedy = jnp.argmax(real_logp, -1)  # greedy[:, s]: the model's token at s+1
 
     def target(i):  # [B, N] greedy token at t+1+i
         return jnp.take_along_axis(greedy, jnp.minimum(roots + i, length - 1), 1)
 
     targets = jnp.stack([target(i) for i in range(1, k + 1)], -1)  # [B, N, k]
-    la_logits = logits_from_hidden(params, la_h).reshape(b, n_points, k, -1)
+    la_logits = cfg.logits(params, la_h).reshape(b, n_points, k, -1)
     ranks = jnp.sum(la_logits > jnp.take_along_axis(la_logits, targets[..., None], -1), -1)
 
     # Ceiling: beam over intermediate paths x_{t+1..t+d}; paths [B, N, beam, d], score = log product of probs.
@@ -100,10 +99,10 @@ def diagnose(params, cfg: ModelConfig, lookahead, tokens, first, lengths, *, n_p
     score, paths = jax.lax.top_k(jnp.take_along_axis(real_logp, roots[..., None], 1), beam)
     paths = paths[..., None]
     for d in range(1, ceiling_depth + 1):
-        emb = embed_tokens(params, paths.reshape(b, n_points * beam * d))
+        emb = cfg.embed(params, paths.reshape(b, n_points * beam * d))
         _, h = _branch_hidden(params, cfg, tokens, jnp.repeat(roots, beam, 1), emb, d)
         last = h.reshape(b, n_points, beam, d, -1)[:, :, :, -1]
-        joint = score[..., None] + jax.nn.log_softmax(logits_from_hidden(params, last), -1)  # [B, N, beam, V]
+        joint = score[..., None] + jax.nn.log_softmax(cfg.logits(params, last), -1)  # [B, N, beam, V]
         hits.append(jnp.argmax(jax.nn.logsumexp(joint, 2), -1) == target(d))
         if d < ceiling_depth:  # extend the beam by one token
             score, idx = jax.lax.top_k(joint.reshape(b, n_points, -1), beam)
@@ -173,7 +172,7 @@ def summarize(out: dict, tops=TOPS, widths=None) -> dict:
     return res
 
 
-def evaluate(params, cfg: ModelConfig, lookahead, prompts, continuations, *, widths=None, ceiling_depth: int = 2,
+def evaluate(params, cfg: Decoder, lookahead, prompts, continuations, *, widths=None, ceiling_depth: int = 2,
              beam: int = 8, batch_size: int = 4, progress=None) -> dict:
     """`summarize` over prompts (token id lists) and the model's greedy continuations of them.
 

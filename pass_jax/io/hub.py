@@ -6,7 +6,7 @@ import os
 import re
 from pathlib import Path
 
-from .config import ConfigError
+from ..errors import ConfigError
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",

@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from .config import ConfigError, ModelConfig, RopeScaling
+from ..errors import ConfigError
+from ..models.llama import ModelConfig, RopeScaling
 from .hf import params_from_hf_tensors
 
 _LAYER_NAMES = {
