@@ -22,13 +22,18 @@ def _ids(text: str) -> list[int]:
 
 
 def _generate_parser(sub) -> None:
+    from pass_jax.backends import BACKENDS
+    from pass_jax.decoding.methods import METHOD_NAMES, VARIANTS
+    from pass_jax.models import ARCHITECTURES
+
     from .options import LOOKAHEAD_HELP, add_dtype
+    architectures = ", ".join(name.removesuffix("ForCausalLM") for name in ARCHITECTURES)
     p = sub.add_parser("generate", help="generate text with autoregressive decoding or PaSS",
                        description="Generate continuations of one or more prompts. With --json, stdout is one JSON "
                                    "object (method, k, texts, token_ids, stats); logs go to stderr.")
-    p.add_argument("--model", help="Hugging Face model directory (Llama, Mistral or Qwen2), a llama .gguf file, or a "
-                   "hub id where a hub is reachable; default: the embedded demo code model")
-    p.add_argument("--method", choices=["ar", "pass", "ngram", "speculative"], default="pass",
+    p.add_argument("--model", help=f"Hugging Face model directory ({architectures}), a llama .gguf file, 'smollm2', or "
+                   "a hub id where a hub is reachable; default: the embedded demo code model")
+    p.add_argument("--method", choices=METHOD_NAMES, default="pass",
                    help="ar: autoregressive decoding; pass: PaSS look-ahead drafting (default); ngram: drafts "
                         "from the prompt and output (prompt lookup), no look-ahead; speculative: classic two-model "
                         "speculative sampling with --draft-model")
@@ -37,7 +42,7 @@ def _generate_parser(sub) -> None:
                    help="look-ahead tokens per pass, 1..16 (default: the look-ahead checkpoint's k, else 4)")
     p.add_argument("--lookahead", default=None,
                    help=LOOKAHEAD_HELP)
-    p.add_argument("--variant", choices=["tree", "fused", "paper"], default="tree",
+    p.add_argument("--variant", choices=VARIANTS, default="tree",
                    help="tree: a tree of look-ahead and n-gram candidates verified in one pass per round "
                         "(default); fused: the paper's chain, drafts ride along in the verification pass; "
                         "paper: the paper's chain with separate drafting passes")
@@ -62,7 +67,7 @@ def _generate_parser(sub) -> None:
                  "bfloat16 halves the weights read per token (on an AVX-512 CPU ~1.25x faster with "
                  "pass-jax's kernel) and may leave it where two logits nearly tie")
     p.add_argument("--max-len", type=int, help="KV cache size (default: what the request needs)")
-    p.add_argument("--backend", choices=["auto", "xla", "cpu"], default="auto",
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="the ops a pass runs: xla (what TPUs and GPUs run), cpu (pass-jax's kernels, one x86-64 "
                         "AVX-512 CPU device), auto (default: cpu where the kernels build and serve, else xla)")
     p.add_argument("--allow-long", action="store_true", help="run a request past the model's "

@@ -22,7 +22,7 @@ def add_methods_args(p) -> None:
     g.add_argument("--sampling", default="greedy,t0.8-top10",
                    help="'greedy' and/or 't<T>-top<K>' (the paper's setting: t0.8-top10)")
     g.add_argument("--k", type=int, default=4, help="look-ahead count for the PaSS methods")
-    g.add_argument("--tree", default=None, help="tree of 'pass_tree_ngram' (default: pass_jax.api.DEFAULT_TREE)")
+    g.add_argument("--tree", default=None, help="tree of 'pass_tree_ngram' (default: pass_jax.decoding.plan.DEFAULT_TREE)")
     g.add_argument("--la-tree", default="3,1", help="tree of 'pass_tree': look-ahead candidates only")
     g.add_argument("--ngram-tree", default="ngram=4;ngram_min=2", help="tree of 'ngram'")
     g.add_argument("--only", default=None, help="comma-separated subset of the methods")
@@ -39,7 +39,7 @@ def _sampling(spec: str) -> dict:
 
 
 def methods(args, lookahead) -> dict[str, dict]:
-    from pass_jax.api import DEFAULT_TREE
+    from pass_jax.decoding.plan import DEFAULT_TREE
 
     la = {"k": args.k, "lookahead": lookahead}
     table = {

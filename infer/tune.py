@@ -120,7 +120,8 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from pass_jax import generate, load_model
-    from pass_jax.api import DEFAULT_TREE, _tokenize
+    from pass_jax.api import _tokenize
+    from pass_jax.decoding.plan import DEFAULT_TREE
     from pass_jax.decoding.tree import DraftTree
 
     from .bench_model import read_prompts

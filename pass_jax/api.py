@@ -6,7 +6,6 @@ import dataclasses
 import numbers
 import os
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,13 +16,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from .backends import resolve
-from .decoding.loop import METHODS, VARIANTS, DecodePlan, DecodeSpec
-from .decoding.sampling import Sampler
+from .decoding.plan import make_plan
+from .decoding.spec import DecodePlan
 from .decoding.tree import DraftTree
-from .errors import CacheOverflowError
 from .io.hf import load_hf, save_hf
-from .lookahead.leaf import DeepLookahead, check_k
 from .models.contract import Decoder, params_dtype
 from .sharding import replicate, shard_batch, shard_params
 
@@ -111,16 +107,6 @@ class GenerationResult:
     stats: GenerationStats
 
 
-def untrained_lookahead(model: Model, k: int):
-    """The paper's untrained baseline: k copies of an [UNK]-like token's embedding."""
-    unk = getattr(model.tokenizer, "unk_token_id", None) if model.tokenizer is not None else None
-    token = unk if unk is not None else 0
-    if not 0 <= token < model.config.vocab_size:
-        raise ValueError(f"token_id {token} is outside the vocabulary (size {model.config.vocab_size})")
-    rows = model.config.embed(model.params, jnp.full((1, check_k(k)), token, jnp.int32))  # as the model reads them
-    return jnp.asarray(rows[0], jnp.float32)
-
-
 def _tokenize(model: Model, prompts, chat: bool = False) -> list[list[int]]:
     if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], numbers.Integral)):
         prompts = [prompts]
@@ -149,19 +135,6 @@ def _tokenize(model: Model, prompts, chat: bool = False) -> list[list[int]]:
     return ids
 
 
-# The fastest PaSS tree measured (infer/results/tune_smollm2_{code,chat}.json, where tune picks it): the
-# best look-ahead candidate and a 4-token n-gram chain drafted after 2+ matching tokens, a one-slot
-# look-ahead block on every node. With one block at the root instead (blocks=1, the default before),
-# every round carries k slots: 6 tokens instead of 4 in the rounds without a chain (most rounds),
-# 6-7% slower on SmolLM2 in bfloat16 in those runs.
-DEFAULT_TREE = DraftTree.from_widths((1,), ngram=4, ngram_min=2)
-DEFAULT_NGRAM = 4
-
-
-def _as_tree(tree: DraftTree | str) -> DraftTree:
-    return tree if isinstance(tree, DraftTree) else DraftTree.parse(tree)
-
-
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
@@ -187,103 +160,6 @@ def _compiled(plan: DecodePlan, args):
         _COMPILED[key] = (exe, time.perf_counter() - t0)
         return exe, _COMPILED[key][1]
     return _COMPILED[key][0], 0.0
-
-
-def make_plan(model: Model, *, prompt_len: int, max_new_tokens: int = 64, method: str = "ar", k: int = 4,
-              lookahead=None, variant: str = "tree", tree: DraftTree | str | None = None, temperature: float = 0.0,
-              top_k: int = 0, top_p: float = 1.0, eos_token_id: int | Sequence[int] | None = None,
-              max_len: int | None = None, draft_model: Model | None = None, allow_long: bool = False,
-              longest_prompt: int | None = None, mesh: Mesh | None = None, backend="auto"):
-    """(DecodePlan, look-ahead array) for prompts padded to `prompt_len` tokens: every argument
-    checked, the look-ahead resolved (None = the untrained baseline) and cut to what the plan reads.
-    Arguments as for `generate`; `longest_prompt` (default prompt_len) bounds the positions used; on a
-    `mesh` the plan pins its KV caches to the sharding rules (give it params placed by them). `backend`
-    ("auto", "xla", "cpu" or a pass_jax.ops.XlaOps) is the plan's implementation of the ops, fixed in
-    the plan (a static field): "auto" takes the CPU kernels on one CPU device where they build."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-        raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0 (got {temperature}, {top_p}, {top_k})")
-    cfg = model.config
-    if method == "ngram":
-        tree = DraftTree(ngram=DEFAULT_NGRAM, ngram_min=2) if tree is None else _as_tree(tree)
-        if tree.paths or tree.ngram < 1:
-            raise ValueError(f"method 'ngram' takes a tree of n-gram drafts only (e.g. 'ngram=4'), got {tree.describe()!r}")
-    elif method == "pass" and variant == "tree":
-        if tree is None:  # the default, cut to the look-ahead positions there are
-            tree = dataclasses.replace(DEFAULT_TREE, paths=tuple(p for p in DEFAULT_TREE.paths if len(p) <= check_k(k)))
-        tree = _as_tree(tree)
-        if tree.la_depth > check_k(k):
-            raise ValueError(f"tree {tree.describe()!r} drafts {tree.la_depth} look-ahead positions deep, but k={k}")
-        if not tree.paths:
-            raise ValueError(f"tree {tree.describe()!r} has no look-ahead candidates: use method 'ngram' for n-gram "
-                             "drafts alone")
-        if tree.num_blocks(k) == 0:
-            raise ValueError(f"tree {tree.describe()!r} has look-ahead candidates but no look-ahead block to draft "
-                             "them (blocks=0): use blocks >= 1")
-    elif tree is not None:
-        raise ValueError(f"tree= applies to method 'ngram' and PaSS variant 'tree', not to method {method!r}"
-                         + (f" variant {variant!r}" if method == "pass" else ""))
-    if method == "pass":
-        k = check_k(k)
-        lookahead = untrained_lookahead(model, k) if lookahead is None else lookahead
-        if not isinstance(lookahead, DeepLookahead):
-            lookahead = jnp.asarray(lookahead, jnp.float32)
-        elif lookahead.prefix.shape[:2] != (cfg.num_layers, 2) or lookahead.prefix.shape[3:] != (
-                cfg.num_kv_heads, cfg.head_dim):
-            raise ValueError(f"deep look-ahead prefix has shape {lookahead.prefix.shape}, expected ({cfg.num_layers}, "
-                             f"2, P, {cfg.num_kv_heads}, {cfg.head_dim})")
-        if lookahead.shape != (k, cfg.hidden_size):
-            raise ValueError(f"look-ahead embeddings have shape {lookahead.shape}, expected ({k}, {cfg.hidden_size})")
-        if tree is not None:  # only the slots the tree reads (look-ahead i sees look-aheads 1..i alone)
-            k = max(tree.slots_used(k), 1)
-            lookahead = lookahead[:k]
-    elif method == "speculative":
-        k = check_k(k)
-        if draft_model is None:
-            raise ValueError("method 'speculative' needs a draft_model")
-        if draft_model.config.vocab_size != cfg.vocab_size:
-            raise ValueError(f"the draft model's vocabulary ({draft_model.config.vocab_size}) differs from the "
-                             f"target's ({cfg.vocab_size}): speculative sampling needs the same tokenizer")
-        lookahead = jnp.zeros((0, cfg.hidden_size), jnp.float32)
-    else:  # ar, ngram
-        k, lookahead = 0, jnp.zeros((0, cfg.hidden_size), jnp.float32)
-    if method != "speculative":
-        draft_model = None
-    if eos_token_id is None:
-        eos = set(cfg.eos_token_ids)
-        if model.tokenizer is not None and model.tokenizer.eos_token_id is not None:
-            eos.add(model.tokenizer.eos_token_id)
-    else:
-        eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
-    spec = DecodeSpec(method, k, variant, Sampler(float(temperature), int(top_k), float(top_p)), max_new_tokens,
-                      tuple(sorted(eos)), tree)
-    longest = prompt_len if longest_prompt is None else longest_prompt
-    needed = max(prompt_len + k, longest + max_new_tokens + spec.block_tokens)
-    # Positions a row may emit at: prompt and output. A draft block can reach further near the end of a
-    # request; its positions are clipped (DecodePlan.max_position), as drafts past the budget are never
-    # accepted, so every request autoregressive decoding accepts, every method accepts.
-    reach = longest + max_new_tokens
-    if reach > cfg.max_position_embeddings:
-        msg = (f"this request reaches position {reach} (longest prompt {longest} + max_new_tokens {max_new_tokens}), "
-               f"past the model's max_position_embeddings {cfg.max_position_embeddings}")
-        if not allow_long:
-            raise ValueError(f"{msg}; shorten the prompt, lower max_new_tokens, or pass allow_long=True (--allow-long)")
-        warnings.warn(f"{msg}: output past the trained context may be poor", stacklevel=3)
-    if max_len is None:
-        max_len = _round_up(needed, 64)
-    elif needed > max_len:
-        raise CacheOverflowError(
-            f"the KV cache holds {max_len} entries but this request needs {needed}: longest prompt "
-            f"{longest} (padded to {prompt_len}) + max_new_tokens {max_new_tokens} + {spec.block_tokens} block "
-            "entries; shorten the prompt, lower max_new_tokens, or raise max_len")
-    last = None if allow_long else cfg.max_position_embeddings - 1
-    return DecodePlan(cfg, spec, max_len, draft_model.config if draft_model else None, mesh, last,
-                      resolve(backend)), lookahead
 
 
 def decode_fn(plan: DecodePlan):

@@ -38,17 +38,16 @@ BATCH_AXES = ("batch", "length")  # prompts [B, T], lengths [B]
 
 
 def logical_spec(axes: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh, rules=LOGICAL_RULES) -> P:
-    """The PartitionSpec of an array whose dimensions carry these logical names."""
-    table = dict(rules)
-    spec, used = [], set()
-    for name, size in zip(axes, shape):
-        if name not in table:
-            raise KeyError(f"logical axis {name!r} has no rule in sharding.LOGICAL_RULES")
-        axis = table[name]
-        ok = axis is not None and axis not in used and size % mesh.shape[axis] == 0
-        spec.append(axis if ok else None)
-        used.add(axis if ok else None)
-    return P(*spec)
+    """The PartitionSpec of an array whose dimensions carry these logical names: Flax's
+    `logical_to_mesh_axes`, with two rules of ours on top. A name without a rule is an error (Flax would
+    replicate it silently), and a mesh axis that does not divide its dimension is dropped there."""
+    from flax.linen import logical_to_mesh_axes
+
+    unknown = [name for name in axes if name not in dict(rules)]
+    if unknown:
+        raise KeyError(f"logical axis {unknown[0]!r} has no rule in sharding.LOGICAL_RULES")
+    spec = logical_to_mesh_axes(tuple(axes), rules)
+    return P(*(axis if axis is not None and size % mesh.shape[axis] == 0 else None for axis, size in zip(spec, shape)))
 
 
 def logical_sharding(axes, shape, mesh: Mesh) -> NamedSharding:

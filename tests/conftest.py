@@ -159,7 +159,8 @@ def prefill_for_rounds(plan, params, lookahead, prompts):
     import jax
     import jax.numpy as jnp
 
-    from pass_jax.decoding.loop import Inputs, _prefill
+    from pass_jax.decoding.rounds import _prefill
+    from pass_jax.decoding.spec import Inputs
     from pass_jax.lookahead.leaf import split_lookahead
 
     padded = jnp.asarray([p + [0] * (16 - len(p)) for p in prompts])

@@ -158,7 +158,7 @@ def test_help_runs_as_a_module():
                          check=True).stdout
     for flag in ("--model", "--method", "--k", "--lookahead", "--prompt-ids", "--json", "--temperature", "--top-p"):
         assert flag in out
-    from pass_jax.api import DEFAULT_TREE
+    from pass_jax.decoding.plan import DEFAULT_TREE
 
     for command in ("generate", "humaneval"):  # the default tree each names is generate's
         text = subprocess.run([sys.executable, "-m", "infer", command, "--help"], capture_output=True, text=True,
@@ -318,7 +318,7 @@ def test_shipped_lookaheads_are_complete_and_say_how_they_were_made():
 
 @pytest.mark.slow
 def test_tune_decodes_its_finalists_side_by_side_and_answers_the_fastest(tmp_path, capsys):
-    from pass_jax.api import DEFAULT_TREE
+    from pass_jax.decoding.plan import DEFAULT_TREE
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("def add(a, b):\n    return a + b\n\n\ndef add(a, b):\n\nimport os\nimport sys\nimport os\n")

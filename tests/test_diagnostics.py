@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import pass_jax as pj
-from pass_jax.decoding.loop import block_layout
+from pass_jax.decoding.rounds import block_layout
 from pass_jax.lookahead.diagnostics import branch_layout, diagnose, evaluate, expected_tokens, tree_widths
 from pass_jax.lookahead.training import TrainLayout
 from pass_jax.models.cache import KVCache

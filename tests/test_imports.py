@@ -81,7 +81,7 @@ def test_the_finder_sees_a_circle_through_a_function_level_import():
 
 def test_the_graph_reads_imports_inside_functions():
     graph = import_graph()
-    assert "pass_jax.models.contract" in graph["pass_jax.decoding.loop"]
+    assert "pass_jax.models.contract" in graph["pass_jax.decoding.rounds"]
     assert "pass_jax.models" in graph["pass_jax.io.hf"]  # a package: its __init__
     assert "pass_jax.api" in graph["pass_jax"]
     assert "infer.bench_methods" in graph["infer.bench"]  # imported inside add_parser

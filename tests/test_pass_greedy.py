@@ -12,7 +12,9 @@ from hypothesis import strategies as st
 
 import pass_jax as pj
 from pass_jax.backends import default_ops
-from pass_jax.decoding.loop import DecodePlan, DecodeSpec, _round
+from pass_jax.decoding.methods import METHODS
+from pass_jax.decoding.rounds import _round
+from pass_jax.decoding.spec import DecodePlan, DecodeSpec
 
 from .conftest import prefill_for_rounds, tiny_model
 
@@ -101,7 +103,7 @@ def test_cache_lengths_after_every_round(small_vocab_model):
     m, k = small_vocab_model, 4
     prompts = [[1, 2, 3], [4, 5, 6, 0, 1, 2, 3]]
     ar = pj.generate(m, prompts, max_new_tokens=30, eos_token_id=()).token_ids
-    spec = DecodeSpec("pass", k, "fused", pj.Sampler(), 30, ())
+    spec = DecodeSpec(METHODS["pass/fused"], k, pj.Sampler(), 30, ())
     plan = DecodePlan(m.config, spec, max_len=64)
     la = pj.init_lookahead(m.params, k, "random", key=jax.random.key(0))
     inp, state = prefill_for_rounds(plan, m.params, la, prompts)
@@ -197,7 +199,8 @@ def test_prompt_pass_is_autoregressive_decodings_whatever_the_lookahead(tp):
     prompt of 62 slots whose pass with a 4-token look-ahead block would cross the CPU kernels' 64-row
     limit (the block runs as a pass of its own), and for a 70-slot prompt with a longer cache buffer
     (attention does not depend on the buffer's length)."""
-    from pass_jax.decoding.loop import Inputs, _prefill
+    from pass_jax.decoding.rounds import _prefill
+    from pass_jax.decoding.spec import Inputs
 
     m, k = tiny_model(vocab=50, hidden=64, layers=2, heads=2, kv_heads=1, seed=3), 4
     prompts = jnp.asarray(np.random.default_rng(0).integers(0, 50, (2, tp)))
@@ -205,7 +208,7 @@ def test_prompt_pass_is_autoregressive_decodings_whatever_the_lookahead(tp):
     la = pj.init_lookahead(m.params, k, "random", key=jax.random.key(0))
     states = {}
     for method, lookahead, max_len in (("ar", None, 96), ("pass", la, 160)):
-        plan = DecodePlan(m.config, DecodeSpec(method, k, "fused", pj.Sampler(), 8, ()), max_len=max_len)
+        plan = DecodePlan(m.config, DecodeSpec(METHODS["pass/fused" if method == "pass" else method], k, pj.Sampler(), 8, ()), max_len=max_len)
         inp = Inputs(m.params, lookahead, prompts, lens, jnp.zeros((2, 2), jnp.uint32))
         states[method] = jax.jit(functools.partial(_prefill, plan))(inp)
     ar, ps = states["ar"], states["pass"]

@@ -11,12 +11,12 @@ import itertools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pass_jax.decode as decode_mod
 import pytest
 from scipy import stats
 
 import pass_jax as pj
 import pass_jax.api as api_mod
+import pass_jax.decoding.rounds as decode_mod
 from pass_jax.decoding.sampling import EMIT, sample
 from pass_jax.decoding.tree import DraftTree
 from pass_jax.models.cache import KVCache

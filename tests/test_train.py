@@ -15,7 +15,7 @@ import pytest
 
 import pass_jax as pj
 from pass_jax.backends import default_ops
-from pass_jax.decoding.loop import block_layout
+from pass_jax.decoding.rounds import block_layout
 from pass_jax.io.checkpoint import load_lookahead
 from pass_jax.lookahead import training
 from pass_jax.lookahead.training import TrainLayout, make_train_step

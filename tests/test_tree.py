@@ -10,8 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pass_jax as pj
-from pass_jax.decoding.loop import DecodePlan, DecodeSpec, _tree_method_round
+from pass_jax.decoding.methods import METHODS
 from pass_jax.decoding.ngram import prompt_lookup, row_history
+from pass_jax.decoding.spec import DecodePlan, DecodeSpec
 from pass_jax.decoding.tree import DraftTree
 from pass_jax.models.cache import KVCache
 from pass_jax.models.contract import causal_block_mask
@@ -145,12 +146,12 @@ def test_compacted_cache_equals_autoregressive_cache_after_every_round(small_voc
     m, k = small_vocab_model, 3
     prompts = [[1, 2, 3, 1, 2, 3, 1], [4, 5, 6, 0, 1, 2, 3]]
     ar = pj.generate(m, prompts, max_new_tokens=30, eos_token_id=()).token_ids
-    spec = DecodeSpec("pass", k, "tree", pj.Sampler(), 30, (), DraftTree.parse("3,2;ngram=3;ngram_min=2"))
+    spec = DecodeSpec(METHODS["pass/tree"], k, pj.Sampler(), 30, (), DraftTree.parse("3,2;ngram=3;ngram_min=2"))
     plan = DecodePlan(m.config, spec, max_len=96)
     la = pj.init_lookahead(m.params, k, "random", key=jax.random.key(0))
     inp, state = prefill_for_rounds(plan, m.params, la, prompts)
     lens = inp.prompt_lens
-    step = jax.jit(functools.partial(_tree_method_round, plan))
+    step = jax.jit(functools.partial(plan.spec.method.round, plan))
     # a causal pass over the whole autoregressive sequence: its first n keys are what decoding holds after n
     ar_keys = [_ar_cache_keys(m, p + a, len(p) + len(a)) for p, a in zip(prompts, ar)]
     branched = 0
@@ -244,10 +245,10 @@ def test_ngram_share_counts_the_rounds_whose_row_drafted_a_gated_chain(small_voc
     ngram_min tokens occurred earlier with a known token after them, replayed here in numpy."""
     m = small_vocab_model
     prompts = [[1, 2, 3, 4, 1, 2, 3, 4, 1, 2], [5, 6, 5, 6, 5], [0, 1, 2, 3, 4, 5, 6]]
-    spec = DecodeSpec("ngram", 0, "tree", pj.Sampler(), 24, (), DraftTree.parse("ngram=3;ngram_min=2"))
+    spec = DecodeSpec(METHODS["ngram"], 0, pj.Sampler(), 24, (), DraftTree.parse("ngram=3;ngram_min=2"))
     plan = DecodePlan(m.config, spec, max_len=64)
     inp, state = prefill_for_rounds(plan, m.params, jnp.zeros((0, m.config.hidden_size)), prompts)
-    step = jax.jit(functools.partial(_tree_method_round, plan))
+    step = jax.jit(functools.partial(plan.spec.method.round, plan))
     expected = rounds = 0
     while not bool(state.done.all()):
         out, out_len, done = (np.asarray(a) for a in (state.out, state.out_len, state.done))

@@ -68,7 +68,8 @@ def run(args) -> int:
     from infer.bench_model import read_prompts
     from infer.options import check_k_arg, resolve_lookahead, with_demo_defaults
     from pass_jax import generate, load_model, untrained_lookahead
-    from pass_jax.api import DEFAULT_TREE, _tokenize
+    from pass_jax.api import _tokenize
+    from pass_jax.decoding.plan import DEFAULT_TREE
     from pass_jax.lookahead.diagnostics import evaluate, tree_widths
 
     check_k_arg(args.k)

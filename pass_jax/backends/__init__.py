@@ -1,4 +1,4 @@
-"""Which implementation of `pass_jax.ops` a plan runs: XLA's ops, or XLA's with the CPU kernels.
+"""Which implementation of `pass_jax.backends.xla.XlaOps` a plan runs: XLA's ops, or XLA's with the CPU kernels.
 
 `default_ops()` is this process's choice, made once: the CPU kernels (`backends.cpu`) on a single CPU
 device where they build, XLA's ops with XLA CPU's one workaround on other CPUs (several devices, no

@@ -15,7 +15,7 @@ from ..lookahead.leaf import DeepLookahead, check_k, split_lookahead
 from ..sharding import host_array
 
 METADATA = "lookahead.json"
-SHIPPED = Path(__file__).resolve().parent / "lookaheads"  # trained look-aheads of known models (package data)
+SHIPPED = Path(__file__).resolve().parents[1] / "lookaheads"  # trained look-aheads of known models (package data)
 
 
 class OtherWeightsWarning(UserWarning):

@@ -1,105 +1,28 @@
-"""Autoregressive and PaSS decoding: one `lax.while_loop` each, batched, with per-row lengths.
+"""The steps every decoding method is made of: one `_round` (chain drafts) or `_tree_round` (a tree of
+candidates) per pass, the prefill, and two-model drafting.
 
-Every method is built from one step, `_round`: run [pending token, drafts?, look-ahead block?]
-through the model, verify the drafts (none for autoregressive decoding), emit the accepted drafts
-plus one exact token, commit that many cache entries, and take new drafts from the look-ahead
-outputs. Autoregressive = round(no drafts, no look-ahead); PaSS paper = alternating validation
-rounds (drafts only) and drafting rounds (look-ahead only; the prefill is the first); PaSS fused =
-drafts and look-ahead in one round, the look-ahead drafts being valid only where every draft was
-accepted; two-model speculative = a draft model's k proposals, then a validation round.
-
-Tree methods use `_tree_round` instead: [pending token, candidate nodes, a look-ahead block per
-node] in one pass, candidates from the look-ahead outputs (top-c per position) and from context
-n-grams; the accepted path is moved to the front of the cache block, and the block of the deepest
-accepted node that has one drafts the next round, so with a block on every node there are no
-draft-less rounds (with fewer blocks, a path that runs k or more tokens past its block has none). "ngram" is
-the same round with n-gram candidates only (prompt lookup) and no look-ahead.
+`_round` runs [pending token, drafts?, look-ahead block?] through the model, verifies the drafts (none
+for autoregressive decoding), emits the accepted drafts plus one exact token, commits that many cache
+entries, and takes new drafts from the look-ahead outputs. `_tree_round` runs [pending token, candidate
+nodes, a look-ahead block per node] in one pass, candidates from the look-ahead outputs (top-c per
+position) and from context n-grams; the accepted path is moved to the front of the cache block, and the
+block of the deepest accepted node that has one drafts the next round, so with a block on every node
+there are no draft-less rounds (with fewer blocks, a path that runs k or more tokens past its block has
+none). How the methods combine them: decoding.methods.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
-
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
-from jax.sharding import Mesh
 
-from ..backends import resolve
 from ..backends.xla import XlaOps
-from ..lookahead.leaf import split_lookahead
 from ..models.cache import KVCache, write_block
-from ..models.contract import Decoder, causal_block_mask, params_dtype
-from ..sharding import constrain_cache
-from .ngram import prompt_lookup, row_history
-from .sampling import DRAFT, EMIT, Sampler, position_keys, sample, top_k, verify, verify_tree
+from ..models.contract import causal_block_mask, params_dtype
+from .sampling import DRAFT, EMIT, position_keys, sample, top_k, verify, verify_tree
+from .spec import DecodePlan, DecodeSpec, DecodeState, Inputs
 from .tree import DraftTree
-
-
-@dataclasses.dataclass(frozen=True)
-class DecodeSpec:
-    """What to generate and how: static (part of the jit cache key)."""
-
-    method: str = "ar"  # a key of DRAFT_METHODS, with variant for "pass"
-    k: int = 0
-    variant: str = "tree"
-    sampler: Sampler = dataclasses.field(default_factory=Sampler)
-    max_new_tokens: int = 32
-    eos_ids: tuple[int, ...] = ()
-    tree: DraftTree | None = None  # the candidate tree of the tree rounds ("ngram", "pass"/"tree")
-
-    @property
-    def draft(self) -> DraftMethod:
-        return DRAFT_METHODS[self.method if self.method != "pass" else f"pass/{self.variant}"]
-
-    @property
-    def is_tree(self) -> bool:
-        return self.draft.tree
-
-    @property
-    def max_drafts(self) -> int:
-        """Longest run of drafts one round can accept (the size of the acceptance statistics)."""
-        return self.tree.max_depth if self.is_tree else self.k
-
-    @property
-    def block_tokens(self) -> int:
-        """Largest block a round writes into the cache beyond the committed entries."""
-        return self.draft.block_tokens(self)
-
-
-@struct.dataclass
-class DecodeState:
-    cache: KVCache
-    pending: jax.Array  # [B] last emitted token, not yet in the cache
-    drafts: jax.Array  # [B, k] drafts for the output positions after `pending`
-    draft_probs: jax.Array  # [B, k, V] the distributions they were drawn from ([B, k, 1] when greedy)
-    n_drafts: jax.Array  # [B] how many drafts are valid (0 or k)
-    out: jax.Array  # [B, W] emitted tokens
-    out_len: jax.Array  # [B]
-    done: jax.Array  # [B] bool
-    row_passes: jax.Array  # [B] forward passes while the row was live
-    calls: jax.Array  # scalar: batched forward passes
-    accepted: jax.Array  # [max_drafts] rounds in which drafts 1..j+1 were all accepted
-    draft_rounds: jax.Array  # scalar: (row, round) pairs that verified drafts
-    draft_cache: KVCache | None = None  # the draft model's cache (two-model speculative sampling only)
-    top_candidates: jax.Array | None = None  # [B, k, C] tree methods: best C tokens of each look-ahead output
-    node_hits: jax.Array | None = None  # [N] tree methods: (row, round) pairs whose accepted path held node i
-    ngram_rows: jax.Array | None = None  # scalar, trees with an n-gram chain: (row, round) pairs that drafted one
-
-
-@struct.dataclass
-class Inputs:
-    """The traced inputs of one generation call, handed to every round."""
-
-    params: dict
-    lookahead: jax.Array  # [k, D] ([0, D] for methods without look-ahead)
-    prompts: jax.Array  # [B, Tp] padded
-    prompt_lens: jax.Array  # [B]
-    row_keys: jax.Array  # [B, 2] raw per-row keys: randomness is indexed by (row, output position)
-    draft_params: dict | None = None  # two-model speculative sampling only
-    prefix: jax.Array | None = None  # deep look-ahead: [layers, 2, P, KV, hd] keys/values only look-aheads see
 
 
 def _forward(plan: DecodePlan, inp: Inputs, embeds, positions, mask, cache, n_real: int, ops: XlaOps, visible=None):
@@ -258,7 +181,7 @@ def _prefill(plan: DecodePlan, inp: Inputs) -> DecodeState:
     """Run the padded prompts (then a look-ahead block after each row's last token); emit the first token."""
     params, cfg, spec, prompts = inp.params, plan.cfg, plan.spec, inp.prompts
     b, tp = prompts.shape
-    use_la, k = spec.draft.lookahead, spec.k
+    use_la, k = spec.method.lookahead, spec.k
     # A prompt's entries must not depend on the cache buffer's length, which differs between methods:
     # the backend's prefill variant of its ops (ops.for_prefill) sees to it.
     ops = plan.backend.for_prefill()
@@ -273,7 +196,7 @@ def _prefill(plan: DecodePlan, inp: Inputs) -> DecodeState:
     zero = jnp.zeros((b,), jnp.int32)
     keys = position_keys(inp.row_keys, zero[:, None])
     _, first = verify(logits, prompts[:, :0], jnp.zeros((b, 0, 1)), zero, spec.sampler, keys)
-    v = cfg.vocab_size if not spec.sampler.greedy and spec.method in ("pass", "speculative") and not spec.is_tree else 1
+    v = cfg.vocab_size if not spec.sampler.greedy and spec.method.chain_drafts else 1
     state = DecodeState(
         cache=cache, pending=first, drafts=jnp.zeros((b, k), jnp.int32), draft_probs=jnp.zeros((b, k, v)),
         n_drafts=zero, out=jnp.zeros((b, spec.max_new_tokens + spec.block_tokens + 1), jnp.int32), out_len=zero,
@@ -338,111 +261,3 @@ def _prefill_draft_model(plan: DecodePlan, inp: Inputs, state: DecodeState) -> D
                        jnp.broadcast_to(jnp.arange(tp), (b, tp)), causal_block_mask(jnp.ones((b, tp), bool)),
                        KVCache.create(cfg, b, plan.max_len, params_dtype(params)), ops=plan.backend)
     return state.replace(draft_cache=cache.replace(lengths=state.cache.lengths))
-
-
-# ---- the draft methods: what one round of each does ---------------------------------------------
-def _tree_method_round(plan, inp, st):
-    """A tree round; the n-gram chain rides along only when some live row found a match worth drafting
-    (ngram_min tokens or more), so rounds without one cost what the rest of the tree costs (for
-    method "ngram": an autoregressive step)."""
-    tree = plan.spec.tree
-    if not tree.ngram:
-        return _tree_round(plan, inp, st, tree)
-    history = row_history(inp.prompts, inp.prompt_lens, st.out)
-    tokens, valid, matched = prompt_lookup(history, inp.prompt_lens + st.out_len, tree.ngram_n, tree.ngram)
-    valid &= (matched >= tree.ngram_min)[:, None]
-    st = st.replace(ngram_rows=st.ngram_rows + jnp.sum(valid[:, 0] & ~st.done))
-    if tree.ngram_min == 1:  # every match is drafted: always the full tree
-        return _tree_round(plan, inp, st, tree, (tokens, valid))
-    return jax.lax.cond(jnp.any(valid[:, 0] & ~st.done), lambda s: _tree_round(plan, inp, s, tree, (tokens, valid)),
-                        lambda s: _tree_round(plan, inp, s, tree.without_ngram()), st)
-
-
-
-def _ar_round(plan, inp, st):
-    return _round(plan, inp, st, use_drafts=False, use_la=False)
-
-
-def _paper_round(plan, inp, st):
-    """The previous pass drafted: validate, then draft unless every row is done."""
-    st = _round(plan, inp, st, use_drafts=True, use_la=False)
-    return jax.lax.cond(jnp.all(st.done), lambda s: s, lambda s: _round(plan, inp, s, False, True), st)
-
-
-def _fused_round(plan, inp, st):
-    """Validate and draft in one pass; skip the draft slots when no live row holds drafts."""
-    return jax.lax.cond(jnp.any((st.n_drafts > 0) & ~st.done), lambda s: _round(plan, inp, s, True, True),
-                        lambda s: _round(plan, inp, s, False, True), st)
-
-
-def _speculative_round(plan, inp, st):
-    st = _round(plan, inp, _draft_with_model(plan, inp, st), use_drafts=True, use_la=False)
-    return st.replace(draft_cache=st.draft_cache.replace(lengths=st.cache.lengths))
-
-
-@dataclasses.dataclass(frozen=True)
-class DraftMethod:
-    """A decoding method as the loop sees it. Adding one is one entry in DRAFT_METHODS."""
-
-    round: Callable  # (plan, inputs, state) -> state: one iteration of the while_loop
-    block_tokens: Callable  # (spec) -> tokens a round writes past the committed cache
-    lookahead: bool = False  # the prefill appends a look-ahead block; rounds read look-ahead outputs
-    tree: bool = False  # deterministic candidates verified as a tree (spec.tree)
-    prefill: Callable | None = None  # (plan, inputs, state) -> state: extra set-up after the prefill
-
-
-DRAFT_METHODS = {
-    "ar": DraftMethod(_ar_round, lambda spec: 1),
-    "pass/tree": DraftMethod(_tree_method_round, lambda spec: spec.tree.num_tokens(spec.k), lookahead=True, tree=True),
-    "pass/fused": DraftMethod(_fused_round, lambda spec: 1 + 2 * spec.k, lookahead=True),
-    "pass/paper": DraftMethod(_paper_round, lambda spec: 1 + 2 * spec.k, lookahead=True),
-    "ngram": DraftMethod(_tree_method_round, lambda spec: spec.tree.num_tokens(0), tree=True),
-    "speculative": DraftMethod(_speculative_round, lambda spec: 1 + spec.k, prefill=_prefill_draft_model),
-}
-METHODS = ("ar", "pass", "ngram", "speculative")
-VARIANTS = ("tree", "fused", "paper")
-
-
-@dataclasses.dataclass(frozen=True)
-class DecodePlan:
-    """Everything static about a generation call (the jit cache key): the model's config, the
-    spec, the KV cache size and the draft model's config. Calling it is the whole decode: pure,
-    one `lax.while_loop`; under `jax.jit` pass the plan as a static argument (or close over it)."""
-
-    cfg: Decoder
-    spec: DecodeSpec
-    max_len: int
-    draft_cfg: Decoder | None = None
-    mesh: Mesh | None = None  # a (data, model) mesh: the KV caches are pinned to sharding.CACHE_AXES
-    max_position: int | None = None  # the last RoPE position a pass may use (None: any)
-    ops: XlaOps | None = None  # the backend (pass_jax.ops; None: backends.default_ops(), this process's choice)
-
-    @property
-    def backend(self) -> XlaOps:
-        return resolve(self.ops)
-
-    @property
-    def round_ops(self) -> XlaOps:
-        """The ops every round is traced with (ops.for_rounds: a backend whose arithmetic depends on the
-        pass size makes a token's arithmetic in a verify pass a 1-token step's here)."""
-        return self.backend.for_rounds()
-
-    def _pin(self, state: DecodeState) -> DecodeState:
-        """On a mesh, keep the loop carry's KV caches split by the rules (rows over "data", KV heads
-        over "model") rather than wherever GSPMD's propagation would put them."""
-        if self.mesh is None:
-            return state
-        draft = None if state.draft_cache is None else constrain_cache(state.draft_cache, self.mesh)
-        return state.replace(cache=constrain_cache(state.cache, self.mesh), draft_cache=draft)
-
-    def __call__(self, params, lookahead, prompts, prompt_lens, key, draft_params=None) -> DecodeState:
-        """prompts [B, Tp] padded, prompt_lens [B], key a PRNG key; returns the final DecodeState."""
-        row_keys = jax.random.key_data(jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(prompts.shape[0])))
-        embeds, prefix = split_lookahead(lookahead)
-        inp = Inputs(params, embeds, prompts, prompt_lens, row_keys, draft_params, prefix)
-        method = self.spec.draft
-        state = _prefill(self, inp)
-        if method.prefill is not None:
-            state = method.prefill(self, inp, state)
-        return jax.lax.while_loop(lambda st: ~jnp.all(st.done), lambda st: self._pin(method.round(self, inp, st)),
-                                  self._pin(state))
