@@ -204,6 +204,7 @@ def run(args) -> int:
     from pass_jax.lookahead.diagnostics import evaluate as diagnose_lookahead
     from pass_jax.lookahead.leaf import check_k, init_deep, init_lookahead
     from pass_jax.lookahead.training import TrainLayout, make_train_step
+    from pass_jax.models.contract import embed_scale
     from pass_jax.sharding import make_mesh, replicate, shard_batch, shard_params
 
     from .common import check_resume
@@ -254,7 +255,7 @@ def run(args) -> int:
         la = untrained_lookahead(model, k)
     else:
         la = init_lookahead(model.params, k, args.init, key=jax.random.key(args.seed),
-                            embed_scale=getattr(model.config, "embed_scale", 1.0))
+                            embed_scale=embed_scale(model.config))
     if args.deep:
         la = init_deep(la, model.config, args.deep, jax.random.key(args.seed + 1))
     state = {"lookahead": la, "opt_state": tx.init(la)}

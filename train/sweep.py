@@ -82,6 +82,7 @@ def run(args) -> int:
     from pass_jax.io.checkpoint import load_lookahead
     from pass_jax.lookahead.diagnostics import evaluate
     from pass_jax.lookahead.leaf import init_lookahead
+    from pass_jax.models.contract import embed_scale
 
     spec = yaml.safe_load(Path(args.recipes).read_text()) or {}
     base, variants = spec.get("base", {}), spec.get("variants", [])
@@ -128,8 +129,8 @@ def run(args) -> int:
         results["untrained"] = {**score(untrained_lookahead(model, ks[-1]), ceiling=True), "train_seconds": 0.0}
         results_path.write_text(json.dumps(results, indent=2))
     if "untrained mean embedding" not in results:  # the start of `--init mean` runs
-        results["untrained mean embedding"] = {**score(init_lookahead(model.params, ks[-1], "mean", embed_scale=getattr(model.config, "embed_scale", 1.0)), ceiling=False),
-                                               "train_seconds": 0.0}
+        mean_start = init_lookahead(model.params, ks[-1], "mean", embed_scale=embed_scale(model.config))
+        results["untrained mean embedding"] = {**score(mean_start, ceiling=False), "train_seconds": 0.0}
         results_path.write_text(json.dumps(results, indent=2))
     generated: dict = {}  # self-data settings -> the rows a first variant generated: the others reuse them
     for variant in variants:

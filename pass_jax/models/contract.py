@@ -84,6 +84,12 @@ def causal_block_mask(valid: jax.Array) -> jax.Array:
     return jnp.tril(jnp.ones((t, t), bool))[None] & valid[:, None, :]
 
 
+def embed_scale(cfg) -> float:
+    """How much a decoder scales its token embeddings (Gemma's sqrt(d)); 1 where it declares none. A
+    look-ahead built from the embedding table starts in the same units as the rows the model reads."""
+    return float(getattr(cfg, "embed_scale", 1.0))
+
+
 def params_dtype(params):
     """The dtype a model's params (and so its KV cache) are stored in: that of its first array."""
     return jax.tree.leaves(params)[0].dtype

@@ -125,12 +125,9 @@ class ModelConfig:
 
     def to_hf_dict(self) -> dict[str, Any]:
         """A config.json that `transformers` loads as the same architecture."""
-        rope: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}
-        if self.rope_scaling is not None:
-            rope.update(dataclasses.asdict(self.rope_scaling))
         hf = {**common_hf_dict(self), "model_type": {v: k for k, v in _MODEL_TYPES.items()}[self.architecture],
               "intermediate_size": self.intermediate_size, "num_attention_heads": self.num_heads,
-              "hidden_act": "silu", "rope_parameters": rope}
+              "hidden_act": "silu", "rope_parameters": rope_parameters(self)}
         if self.architecture == "LlamaForCausalLM":
             hf["attention_bias"] = self.o_bias
         if self.architecture == "MistralForCausalLM":
@@ -142,6 +139,14 @@ class ModelConfig:
 def architecture_of(hf: dict, model_types: dict[str, str]) -> str | None:
     archs = hf.get("architectures") or []
     return archs[0] if archs else model_types.get(hf.get("model_type", ""), hf.get("model_type"))
+
+
+def rope_parameters(cfg) -> dict[str, Any]:
+    """config.json's `rope_parameters` for a decoder with `rope_theta` and `rope_scaling` fields."""
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling is not None:
+        rope.update(dataclasses.asdict(cfg.rope_scaling))
+    return rope
 
 
 def common_fields(hf: dict) -> dict:

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from ..errors import ConfigError
 from .layers import rms_norm
-from .llama import LAYER, ModelConfig, common_fields, common_hf_dict, rope_scaling, rope_theta
+from .llama import LAYER, ModelConfig, common_fields, common_hf_dict, rope_parameters, rope_scaling, rope_theta
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,9 +57,6 @@ class Qwen3Config(ModelConfig):
                    o_bias=bias)
 
     def to_hf_dict(self) -> dict[str, Any]:
-        rope: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}
-        if self.rope_scaling is not None:
-            rope.update(dataclasses.asdict(self.rope_scaling))
         return {**common_hf_dict(self), "model_type": "qwen3", "intermediate_size": self.intermediate_size,
-                "num_attention_heads": self.num_heads, "hidden_act": "silu", "rope_parameters": rope,
+                "num_attention_heads": self.num_heads, "hidden_act": "silu", "rope_parameters": rope_parameters(self),
                 "attention_bias": self.attention_bias, "use_sliding_window": False}
