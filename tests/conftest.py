@@ -5,10 +5,15 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The suite is compile-bound (tiny models, hundreds of programs): LLVM's -O0 halves XLA's compile time.
+# XLA's own passes (fusion, layout: what decides a pass's arithmetic) are unchanged; the CPU kernels are
+# built as always; benchmarks and the CLI run at the default level.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
 def _session_compile_cache() -> None:
     """One persistent compilation cache for the whole test session, made fresh for it (never the user's
-    ~/.cache): pytest-xdist's workers and the CLI subprocesses the tests start inherit its directory
+    ~/.cache; the measured pass costs live beside it): pytest-xdist's workers and the CLI subprocesses the tests start inherit its directory
     through PASS_JAX_COMPILE_CACHE, so a program that several processes compile (the demo model's decode,
     a tiny model's training step) is compiled once. The process that makes it removes it at exit."""
     import atexit
@@ -18,6 +23,7 @@ def _session_compile_cache() -> None:
     if "PASS_JAX_COMPILE_CACHE" not in os.environ:
         where = tempfile.mkdtemp(prefix="pass-jax-test-xla-")
         os.environ["PASS_JAX_COMPILE_CACHE"] = where
+        os.environ.setdefault("PASS_JAX_COST_CACHE", os.path.join(where, "pass_costs.json"))  # adaptive drafting's
         atexit.register(shutil.rmtree, where, ignore_errors=True)
     from pass_jax.compile_cache import enable
 
@@ -27,6 +33,12 @@ def _session_compile_cache() -> None:
 _session_compile_cache()
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# Property tests compile a new model per example: 4 by default, 24 with --hypothesis-profile=thorough.
+settings.register_profile("default", max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("thorough", max_examples=24, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("default")
 
 ARCHS = {
     # GQA, untied head

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import pass_jax as pj
@@ -76,7 +76,6 @@ def test_greedy_pass_equals_autoregressive_on_hf_checkpoint(hf_dirs):
         assert pj.generate(m, prompts, max_new_tokens=24, eos_token_id=(), method="pass", k=k).token_ids == ar.token_ids
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     vocab=st.integers(3, 40),
     layers=st.integers(1, 2),

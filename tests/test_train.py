@@ -312,6 +312,7 @@ def test_mesh_of_8_devices_matches_one_device(base_dir, tmp_path):
     np.testing.assert_allclose(_leaf(tmp_path / "mesh", base_dir), _leaf(tmp_path / "one", base_dir), atol=1e-5)
 
 
+@pytest.mark.slow  # two-process decoding runs by default (test_sharding.py)
 def test_two_processes_match_one(base_dir, tmp_path):
     subprocess.run(_train_cmd(base_dir, tmp_path / "one", steps=10), check=True, env=_env(), cwd=REPO)
     with socket.socket() as s:
