@@ -70,6 +70,11 @@ def _generate_parser(sub) -> None:
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="the ops a pass runs: xla (what TPUs and GPUs run), cpu (pass-jax's kernels, one x86-64 "
                         "AVX-512 CPU device), auto (default: cpu where the kernels build and serve, else xla)")
+    p.add_argument("--drafting", choices=["adaptive", "full"], default="adaptive",
+                   help="--variant tree and --method ngram: adaptive (default) chooses each round's drafting (an "
+                        "autoregressive step, the n-gram chain, the look-ahead tree, or all of it) from what a pass "
+                        "of that size costs on this machine, measured once per model, dtype and batch size and "
+                        "cached in ~/.cache/pass-jax/pass_costs.json; full runs the whole tree every round")
     p.add_argument("--allow-long", action="store_true", help="run a request past the model's "
                    "max_position_embeddings with a warning instead of an error")
     p.add_argument("--compare", action="store_true",
@@ -116,10 +121,12 @@ def run_generate(args) -> int:
     common = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
               "top_p": args.top_p, "seed": args.seed, "max_len": args.max_len, "chat": args.chat,
               "allow_long": args.allow_long, "mesh": mesh, "backend": args.backend}
+    drafting = {"pass_costs": "auto" if args.drafting == "adaptive" else None} if args.method in ("pass", "ngram") \
+        else {}
 
     def run():
         return generate(model, prompts, method=args.method, k=args.k, lookahead=lookahead, variant=args.variant,
-                        draft_model=draft, tree=args.tree, **common)
+                        draft_model=draft, tree=args.tree, **drafting, **common)
 
     k = args.k if args.method != "ar" else 0
     ar = None
@@ -147,6 +154,8 @@ def run_generate(args) -> int:
     print(f"[{args.method}{f' k={k}' if k else ''}] {s.new_tokens} tokens, {s.forward_passes} forward passes, "
           f"{s.tokens_per_forward:.2f} tokens/pass, {s.tokens_per_second:.1f} tokens/s "
           f"(compile {s.compile_seconds:.1f} s)")
+    if s.round_options is not None:
+        print("[drafting] rounds: " + ", ".join(f"{name} {share:.0%}" for name, share in s.round_options.items()))
     if ar is not None:
         same = "identical output" if ar.token_ids == res.token_ids else "output differs (sampling)"
         print(f"[ar] {ar.stats.tokens_per_second:.1f} tokens/s -> speed-up "

@@ -37,8 +37,10 @@ def add_parser(sub) -> None:
 
     p = sub.add_parser("bench", help="benchmark decoding on random LLaMA configs", description=__doc__,
                        formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
-    p.add_argument("--suite", choices=["decode", "passes", "overhead", "methods", "speed", "matrices"], default="decode",
-                   help="methods: every decoding method on --model's prompts (see its options below); speed: "
+    p.add_argument("--suite", choices=["decode", "passes", "overhead", "methods", "batch", "speed", "matrices"],
+                   default="decode",
+                   help="methods: every decoding method on --model's prompts (see its options below); batch: "
+                   "autoregressive, n-gram and PaSS (adaptive, and with the whole tree) at --batch-sizes; speed: "
                    "batch-1 decoding against its floor and pass cost by T, per --dtypes, on --model or --models")
     p.add_argument("--method", choices=["ar"], default="ar", help="decode suite: the method measured (ar)")
     p.add_argument("--models", default=None, help="comma-separated presets from infer/data/models.yaml, e.g. "
@@ -229,10 +231,13 @@ def run(args) -> int:
     from pass_jax.sharding import parse_mesh
 
     mesh_arg, args.mesh = args.mesh, parse_mesh(args.mesh)
-    if args.suite == "methods":
-        from .bench_methods import run_methods_bench
+    if args.batch_sizes is None:
+        args.batch_sizes = "1,2,4,8,16" if args.suite == "batch" else "1,8"
+    if args.suite in ("methods", "batch"):
+        from .bench_methods import batch_methods, methods, run_methods_bench
 
-        fn, default = (lambda a, _names: run_methods_bench(a)), ""
+        table = batch_methods if args.suite == "batch" else methods
+        fn, default = (lambda a, _names: run_methods_bench(a, table)), ""
     elif args.model and args.suite not in ("speed", "matrices"):
         from .bench_model import run_model_bench
 
@@ -244,7 +249,8 @@ def run(args) -> int:
     unknown = [n for n in names if n not in presets()]
     if unknown:
         raise ValueError(f"unknown model presets {unknown}; known: {', '.join(presets())}")
-    result = {"suite": "model" if args.model and args.suite not in ("methods", "speed", "matrices") else args.suite,
+    result = {"suite": "model" if args.model and args.suite not in ("methods", "batch", "speed", "matrices")
+              else args.suite,
               "dtype": args.dtype, "new_tokens": args.new_tokens, "repeats": args.repeats,
               "command": "python -m infer " + shlex.join(sys.argv[1:]) if sys.argv[0].endswith("__main__.py") else None,
               "machine": machine(mesh=mesh_arg),

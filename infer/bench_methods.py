@@ -73,7 +73,7 @@ def _run(model, ids, batch, pad_to, kw):
             "tokens_per_second": new / secs}
 
 
-def run_methods_bench(args) -> dict:
+def run_methods_bench(args, table_fn=methods) -> dict:
     from tqdm import tqdm
 
     from pass_jax import load_model
@@ -94,7 +94,7 @@ def run_methods_bench(args) -> dict:
         lookahead, args.k = resolve_lookahead(la_spec, model, args.k)
         ids = _tokenize(model, read_prompts(args.prompts), args.chat)
         pad_to = max(map(len, ids))
-        table = methods(args, lookahead)
+        table = table_fn(args, lookahead)
         for batch in batches:
             for sampling in samplings:
                 kws = {name: {"max_new_tokens": args.new_tokens, "seed": 0, "mesh": args.mesh, **_sampling(sampling),
@@ -126,8 +126,48 @@ def run_methods_bench(args) -> dict:
     result = {"model": model_path, "lookahead": la_spec, "prompts": args.prompts, "chat": args.chat,
               "n_prompts": len(ids), "rows": rows}
     if args.plot:
-        plot(result, args.plot)
+        (plot if table_fn is methods else plot_batch)(result, args.plot)
     return result
+
+
+def batch_methods(args, lookahead) -> dict[str, dict]:
+    """The batch suite's methods: autoregressive, n-grams, PaSS (adaptive, the default) and PaSS with the
+    whole tree every round (what PaSS did before it adapted)."""
+    from pass_jax.decoding.plan import DEFAULT_TREE
+
+    la = {"k": args.k, "lookahead": lookahead, "tree": args.tree or DEFAULT_TREE.describe()}
+    return {"ar": {}, "ngram": {"method": "ngram", "tree": args.ngram_tree},
+            "pass": {"method": "pass", **la}, "pass_full_tree": {"method": "pass", "pass_costs": None, **la}}
+
+
+def plot_batch(result: dict, path: str) -> None:
+    """Speed-up over the fastest autoregressive configuration against the batch size, a line per method and dtype."""
+    from .bench_common import require_extra
+
+    require_extra("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    samplings = list(dict.fromkeys(r["sampling"] for r in rows))
+    fig, axes = plt.subplots(1, len(samplings), figsize=(5.5 * len(samplings), 4), squeeze=False)
+    for ax, sampling in zip(axes[0], samplings):
+        for name in dict.fromkeys(r["method"] for r in rows):
+            for dtype in dict.fromkeys(r["dtype"] for r in rows):
+                pts = sorted((r["batch"], r["speedup_vs_fastest_ar"]) for r in rows
+                             if (r["method"], r["dtype"], r["sampling"]) == (name, dtype, sampling))
+                ax.plot(*zip(*pts), marker="o", ls="-" if dtype == "bfloat16" else "--", label=f"{name} {dtype}")
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size")
+        ax.set_title(sampling, fontsize=9)
+    axes[0][0].set_ylabel("speed-up over the fastest autoregressive run")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{result['model'].rstrip('/').split('/')[-1]}: {result['prompts'].split('/')[-1]}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def plot(result: dict, path: str) -> None:

@@ -25,7 +25,7 @@ def add_model_args(p) -> None:
     g.add_argument("--prompts", default=str(DEFAULT_PROMPTS), help="JSONL with a 'prompt' field, or a text file "
                    "of prompts separated by blank lines (default: infer/prompts/code.jsonl)")
     g.add_argument("--ks", default="1,2,4,6,8", help="look-ahead counts to measure")
-    g.add_argument("--batch-sizes", default="1,8")
+    g.add_argument("--batch-sizes", default=None, help="comma-separated (default 1,8; batch suite 1,2,4,8,16)")
     g.add_argument("--temperatures", default="0,0.8", help="0 = greedy")
     g.add_argument("--plot", help="write a PNG of speed-up and tokens per forward pass against k")
 

@@ -16,6 +16,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from .decoding.adaptive import options
 from .decoding.plan import make_plan
 from .decoding.spec import DecodePlan
 from .decoding.tree import DraftTree
@@ -90,10 +91,12 @@ class GenerationStats:
     row_forward_passes: list[int]
     node_acceptance: list[float] | None = None  # tree methods: how often each node was on the accepted path
     ngram_share: float | None = None  # trees with an n-gram chain: share of rounds in which a row drafted one
+    round_options: dict[str, float] | None = None  # adaptive drafting: share of rounds that took each option
+    drafting_skipped: float | None = None  # adaptive drafting: share of rounds that were autoregressive steps
 
     def to_dict(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items()
-                if v is not None or k not in ("node_acceptance", "ngram_share")}
+                if v is not None or k not in ("node_acceptance", "ngram_share", "round_options", "drafting_skipped")}
 
     def __getitem__(self, key: str):
         """stats["seconds"], as when stats were a dict."""
@@ -197,7 +200,7 @@ def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]
              max_len: int | None = None, draft_model: Model | None = None,
              pad_prompts_to: int | None = None, tree: DraftTree | str | None = None,
              chat: bool = False, allow_long: bool = False, mesh: Mesh | None = None,
-             backend="auto") -> GenerationResult:
+             backend="auto", pass_costs="auto") -> GenerationResult:
     """Generate `max_new_tokens` per prompt (fewer where a row meets EOS).
 
     method "ar" is plain autoregressive decoding; "pass" drafts with the look-ahead embeddings
@@ -213,7 +216,9 @@ def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]
     allow_long=True a warning. On a (data, model) `mesh` (sharding.make_mesh) the whole loop runs
     under one jit, rows split over "data" (the batch must be a multiple of it) and weights over
     "model" by sharding.LOGICAL_RULES; every process of a multi-process run calls it alike and gets
-    every row back. `backend` as for `make_plan`.
+    every row back. `backend` as for `make_plan`. `pass_costs` ("auto": measured on this machine for
+    this batch size, once; None: the whole tree every round) makes the tree methods choose each round's
+    drafting from what a pass costs here (`make_plan`, decoding.adaptive).
     """
     ids = _tokenize(model, prompts, chat)
     if mesh is not None and len(ids) % mesh.shape["data"]:
@@ -225,7 +230,7 @@ def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]
         model, prompt_len=tp, longest_prompt=max(lens), max_new_tokens=max_new_tokens, method=method, k=k,
         lookahead=lookahead, variant=variant, tree=tree, temperature=temperature, top_k=top_k, top_p=top_p,
         eos_token_id=eos_token_id, max_len=max_len, draft_model=draft_model, allow_long=allow_long, mesh=mesh,
-        backend=backend)
+        backend=backend, batch_size=len(ids), pass_costs=pass_costs)
     padded = np.zeros((len(ids), tp), np.int32)
     for i, p in enumerate(ids):
         padded[i, :len(p)] = p
@@ -249,6 +254,12 @@ def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]
         node_acceptance = (hits / max(int(hits[0]), 1)).tolist()
         if state.ngram_rows is not None:  # the root is on every live (row, round) pair's path
             ngram_share = int(state.ngram_rows) / max(int(hits[0]), 1)
+    round_options = skipped = None
+    if state.choices is not None:
+        names = [o.name for o in options(plan.spec.tree, plan.spec.method.lookahead)]
+        shares = np.asarray(state.choices) / max(int(np.asarray(state.choices).sum()), 1)
+        round_options = {name: float(x) for name, x in zip(names, shares)}
+        skipped = round_options["ar"]
     stats = GenerationStats(
         new_tokens=new_tokens,
         forward_passes=int(state.calls),
@@ -260,6 +271,8 @@ def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]
         row_forward_passes=row_passes.tolist(),
         node_acceptance=node_acceptance,
         ngram_share=ngram_share,
+        round_options=round_options,
+        drafting_skipped=skipped,
     )
     texts = None
     if model.tokenizer is not None:

@@ -72,7 +72,7 @@ def test_greedy_pass_with_a_deep_lookahead_is_autoregressive_decoding(variant):
     la = _deep(m)
     prompts = [[1, 2, 3, 4, 5, 1, 2], [7, 8]]
     ar = pj.generate(m, prompts, max_new_tokens=24, eos_token_id=())
-    kw = {"max_new_tokens": 24, "method": "pass", "k": 3, "variant": variant, "eos_token_id": ()}
+    kw = {"max_new_tokens": 24, "method": "pass", "k": 3, "variant": variant, "eos_token_id": (), "pass_costs": None}
     deep = pj.generate(m, prompts, lookahead=la, **kw)
     assert deep.token_ids == ar.token_ids
     plain = pj.generate(m, prompts, lookahead=la.embeds, **kw)

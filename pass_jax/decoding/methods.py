@@ -16,6 +16,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from .adaptive import adaptive_round
 from .ngram import prompt_lookup, row_history
 from .rounds import _draft_with_model, _prefill, _prefill_draft_model, _round, _tree_round
 from .spec import DecodePlan, DecodeSpec, DecodeState, Inputs
@@ -60,6 +61,8 @@ class PassTree(DraftMethod):
         (ngram_min tokens or more), so rounds without one cost what the rest of the tree costs (for
         method "ngram": an autoregressive step)."""
         tree = plan.spec.tree
+        if plan.pass_costs is not None:
+            return adaptive_round(plan, inp, st)
         if not tree.ngram:
             return _tree_round(plan, inp, st, tree)
         history = row_history(inp.prompts, inp.prompt_lens, st.out)

@@ -13,6 +13,8 @@ import jax.numpy as jnp
 from ..backends import resolve
 from ..errors import CacheOverflowError
 from ..lookahead.leaf import DeepLookahead, check_k
+from . import costs
+from .adaptive import option_tokens, options
 from .methods import DraftMethod, find
 from .sampling import Sampler
 from .spec import DecodePlan, DecodeSpec
@@ -31,14 +33,18 @@ def make_plan(model, *, prompt_len: int, max_new_tokens: int = 64, method: str =
               lookahead=None, variant: str = "tree", tree: DraftTree | str | None = None, temperature: float = 0.0,
               top_k: int = 0, top_p: float = 1.0, eos_token_id: int | Sequence[int] | None = None,
               max_len: int | None = None, draft_model=None, allow_long: bool = False,
-              longest_prompt: int | None = None, mesh=None, backend="auto"):
+              longest_prompt: int | None = None, mesh=None, backend="auto", batch_size: int | None = None,
+              pass_costs="auto"):
     """(DecodePlan, look-ahead array) for prompts padded to `prompt_len` tokens: every argument
     checked, the look-ahead resolved (None = the untrained baseline) and cut to what the plan reads.
     Arguments as for `generate`; `longest_prompt` (default prompt_len)
     bounds the positions used; on a `mesh` the plan pins its KV caches to the sharding rules (give it
     params placed by them). `backend` ("auto", "xla", "cpu" or a pass_jax.backends.xla.XlaOps) is the
     plan's implementation of the ops, fixed in the plan (a static field): "auto" takes the CPU kernels on
-    one CPU device where they build."""
+    one CPU device where they build. `pass_costs` makes a tree method's rounds adaptive
+    (decoding.adaptive): "auto" measures this machine's pass costs for `batch_size` rows (once, cached;
+    without a batch_size, or on a mesh, the whole tree runs every round), None turns it off, or give
+    one relative cost per option (decoding.adaptive.options)."""
     draft = find(method, variant)
     _check_sampling(max_new_tokens, temperature, top_k, top_p)
     k = check_k(k) if draft.uses_k else 0
@@ -50,8 +56,29 @@ def make_plan(model, *, prompt_len: int, max_new_tokens: int = 64, method: str =
     longest = prompt_len if longest_prompt is None else longest_prompt
     max_len = _cache_size(model.config, spec, prompt_len, longest, max_len, allow_long)
     last = None if allow_long else model.config.max_position_embeddings - 1
-    return DecodePlan(model.config, spec, max_len, draft_model.config if draft_model else None, mesh, last,
-                      resolve(backend)), lookahead
+    plan = DecodePlan(model.config, spec, max_len, draft_model.config if draft_model else None, mesh, last,
+                      resolve(backend))
+    return dataclasses.replace(plan, pass_costs=_pass_costs(plan, model.params, batch_size, pass_costs)), lookahead
+
+
+def _pass_costs(plan: DecodePlan, params, batch_size: int | None, pass_costs) -> tuple[float, ...] | None:
+    """The plan's relative cost per adaptive option: measured ("auto"), given, or None (the whole tree)."""
+    spec = plan.spec
+    if pass_costs is None or not spec.is_tree:
+        return None
+    n = len(options(spec.tree, spec.method.lookahead))
+    if isinstance(pass_costs, str):
+        if pass_costs != "auto":
+            raise ValueError(f"pass_costs must be 'auto', None or {n} numbers, got {pass_costs!r}")
+        if batch_size is None or plan.mesh is not None:
+            return None
+        tokens = option_tokens(spec.tree, spec.method.lookahead, spec.k)
+        return costs.relative(costs.pass_costs(plan.cfg, params, plan.round_ops, batch_size, tokens))
+    pass_costs = tuple(float(c) for c in pass_costs)
+    if len(pass_costs) != n or min(pass_costs) <= 0:
+        raise ValueError(f"pass_costs needs {n} positive numbers (options "
+                         f"{', '.join(o.name for o in options(spec.tree, spec.method.lookahead))}), got {pass_costs}")
+    return pass_costs
 
 
 def _check_sampling(max_new_tokens, temperature, top_k, top_p) -> None:

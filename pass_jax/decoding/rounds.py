@@ -119,11 +119,13 @@ def _round(plan: DecodePlan, inp: Inputs, state: DecodeState, use_drafts: bool, 
     return _emit(state, spec, emitted, a + 1, nxt)
 
 
-def _tree_round(plan: DecodePlan, inp: Inputs, state: DecodeState, tree: DraftTree, ngram=None) -> DecodeState:
+def _tree_round(plan: DecodePlan, inp: Inputs, state: DecodeState, tree: DraftTree, ngram=None,
+                node_index=None) -> DecodeState:
     """One tree pass: verify every candidate path at once, keep the longest accepted one, draft the next.
 
-    `tree` is spec.tree or spec.tree.without_ngram() (its first nodes, same look-ahead blocks);
-    ngram = (tokens, valid) [B, tree.ngram] are the n-gram chain's candidates.
+    `tree` is spec.tree or a part of it (decoding.adaptive's options; without_ngram(): its first nodes,
+    same look-ahead blocks); ngram = (tokens, valid) [B, tree.ngram] are the n-gram chain's candidates;
+    node_index [tree.num_nodes]: where its nodes sit in spec.tree (default: its first nodes).
     """
     params, cfg, spec, ops = inp.params, plan.cfg, plan.spec, plan.round_ops
     k, b = spec.k, state.pending.shape[0]
@@ -159,12 +161,13 @@ def _tree_round(plan: DecodePlan, inp: Inputs, state: DecodeState, tree: DraftTr
     if np.any(tree.parents[1:] != np.arange(n - 1)):  # a chain's accepted path is already contiguous
         cache = cache.gather_path(path, ops)
     live = ~state.done
-    hits = jnp.sum(ancestors[end] & live[:, None], 0)  # the full tree's first n nodes are this tree's nodes
+    hits = jnp.sum(ancestors[end] & live[:, None], 0)
+    node_index = np.arange(n) if node_index is None else node_index
     state = state.replace(
         cache=cache,
         accepted=state.accepted + jnp.sum((a[:, None] > jnp.arange(spec.max_drafts)[None]) & live[:, None], 0),
         draft_rounds=state.draft_rounds + live.sum(),
-        node_hits=state.node_hits + jnp.pad(hits, (0, state.node_hits.shape[0] - n)),
+        node_hits=state.node_hits.at[node_index].add(hits),
     )
     if n_blocks:  # next drafts: the block of the deepest accepted node that has one, shifted past the accepted
         with_block = ancestors[end] & (jnp.arange(n) < n_blocks)[None]
@@ -204,6 +207,9 @@ def _prefill(plan: DecodePlan, inp: Inputs) -> DecodeState:
         accepted=jnp.zeros((spec.max_drafts,), jnp.int32), draft_rounds=jnp.int32(0),
         node_hits=jnp.zeros((spec.tree.num_nodes,), jnp.int32) if spec.is_tree else None,
         ngram_rows=jnp.int32(0) if spec.is_tree and spec.tree.ngram else None)
+    if plan.pass_costs is not None:  # adaptive drafting's running means and its choices (decoding.adaptive)
+        state = state.replace(gains=jnp.zeros((2,), jnp.float32), gain_rows=jnp.zeros((2,), jnp.float32),
+                              choices=jnp.zeros((len(plan.pass_costs),), jnp.int32))
     if use_la and spec.is_tree:
         top = top_k(cfg.logits(params, la_hidden, ops), spec.tree.max_rank)[1]
         state = state.replace(top_candidates=top.astype(jnp.int32), n_drafts=jnp.full((b,), k, jnp.int32))

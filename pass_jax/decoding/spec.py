@@ -66,6 +66,9 @@ class DecodeState:
     top_candidates: jax.Array | None = None  # [B, k, C] tree methods: best C tokens of each look-ahead output
     node_hits: jax.Array | None = None  # [N] tree methods: (row, round) pairs whose accepted path held node i
     ngram_rows: jax.Array | None = None  # scalar, trees with an n-gram chain: (row, round) pairs that drafted one
+    gains: jax.Array | None = None  # [2] adaptive drafting: accepted drafts of look-ahead rows, of n-gram rows
+    gain_rows: jax.Array | None = None  # [2] the (row, round) pairs they were counted over
+    choices: jax.Array | None = None  # [options] adaptive drafting: rounds that took each option
 
 
 @struct.dataclass
@@ -95,6 +98,7 @@ class DecodePlan:
     mesh: Mesh | None = None  # a (data, model) mesh: the KV caches are pinned to sharding.CACHE_AXES
     max_position: int | None = None  # the last RoPE position a pass may use (None: any)
     ops: XlaOps | None = None  # the backend (pass_jax.backends.xla.XlaOps or a subclass; None: backends.default_ops(), this process's choice)
+    pass_costs: tuple[float, ...] | None = None  # tree methods: relative cost of each adaptive option's pass (decoding.adaptive); None: the whole tree every round
 
     @property
     def backend(self) -> XlaOps:
