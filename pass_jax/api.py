@@ -146,6 +146,15 @@ _COMPILED: dict = {}  # plan and shapes -> (executable, compile seconds); the ol
 _MAX_COMPILED = 64
 
 
+def _compiler_options() -> dict | None:
+    """XLA CPU's region-based copy insertion: without it a round's conditional (a drafting method's choice
+    of pass) copies the whole KV cache twice a round, a cost that grows with the batch; with it the
+    cache is updated in place (PASS_JAX_REGION_COPIES=0 turns it off)."""
+    if jax.default_backend() != "cpu" or os.environ.get("PASS_JAX_REGION_COPIES") == "0":
+        return None
+    return {"xla_cpu_copy_insertion_use_region_analysis": True}
+
+
 def _compiled(plan: DecodePlan, args):
     """The compiled decode for this plan and these argument shapes, and the seconds compiling took (0 if cached)."""
     leaves, tree = jax.tree.flatten(args)
@@ -157,7 +166,7 @@ def _compiled(plan: DecodePlan, args):
         else:  # inputs as placed by _sharded_args; outputs replicated so that every process reads every row
             fn = jax.jit(_without_caches(plan), in_shardings=jax.tree.map(lambda x: x.sharding, args),
                          out_shardings=NamedSharding(plan.mesh, P()))
-        exe = fn.lower(*args).compile()
+        exe = fn.lower(*args).compile(compiler_options=_compiler_options())
         if len(_COMPILED) >= _MAX_COMPILED:
             del _COMPILED[next(iter(_COMPILED))]
         _COMPILED[key] = (exe, time.perf_counter() - t0)

@@ -47,9 +47,9 @@ def test_expected_tokens_weigh_each_source():
     opts = adaptive.options(DEFAULT_TREE, lookahead=True)
     live = jnp.array([True, True, True, False])
     ngram = jnp.array([True, False, False, False])
-    big = 1e6  # measured means that swamp the prior: look-ahead 0.5, n-gram 3 accepted per row
-    got = adaptive.expected_tokens(opts, live, ngram, jnp.array([0.5 * big, 3 * big]), jnp.array([big, big]))
-    np.testing.assert_allclose(got, [3, 3 + 3, 3 * 1.5, 3 + 0.5 * 2 + 3], rtol=1e-4)
+    big = 1e6  # measured means that swamp the prior: look-ahead 0.5, n-gram 3, both 3.2 accepted per row
+    got = adaptive.expected_tokens(opts, live, ngram, jnp.array([0.5, 3, 3.2]) * big, jnp.full((3,), big))
+    np.testing.assert_allclose(got, [3, 3 + 3, 3 * 1.5, 3 + 0.5 * 2 + 3.2], rtol=1e-4)
 
 
 @pytest.mark.parametrize("batch", [1, 3, 8])

@@ -159,3 +159,17 @@ def test_speed_suite_measures_every_dtype_and_pass_width(tmp_path, capsys):
     assert all(p["ms_per_pass"] > 0 for p in res["passes"])
     assert min(p["ratio_to_fastest_1_token"] for p in res["passes"] if p["tokens"] == 1) == 1.0
     capsys.readouterr()
+
+
+def test_batch_suite_compares_adaptive_and_full_tree_pass_at_each_batch_size(tmp_path, capsys):
+    assert main(["bench", "--suite", "batch", "--prompts", "infer/prompts/code6.jsonl", "--batch-sizes", "1,3",
+                 "--dtypes", "float32", "--sampling", "greedy", "--new-tokens", "6", "--repeats", "1",
+                 "--plot", str(tmp_path / "b.png"), "--out", str(tmp_path / "b.json")]) == 0
+    res = json.loads((tmp_path / "b.json").read_text())
+    assert res["suite"] == "batch" and res["n_prompts"] == 6
+    assert sorted((r["batch"], r["method"]) for r in res["rows"]) == sorted(
+        (b, m) for b in (1, 3) for m in ("ar", "ngram", "pass", "pass_full_tree"))
+    for r in res["rows"]:
+        assert r["rows_identical_to_ar"] == "6/6" and r["speedup_vs_fastest_ar"] > 0
+    assert (tmp_path / "b.png").stat().st_size > 0
+    capsys.readouterr()

@@ -38,6 +38,19 @@ def test_generate_json_contract(hf_dirs, capsys):
     assert res["token_ids"] == pj.generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=9).token_ids
 
 
+def test_drafting_flag_chooses_adaptive_or_whole_tree_rounds(hf_dirs, capsys):
+    path = hf_dirs["llama"][1]
+    argv = ["generate", "--model", path, "--method", "pass", "--prompt-ids", "1,2,3,1,2,3", "--max-new-tokens", "8",
+            "--json"]
+    adaptive, full = (json.loads(_run(argv + extra, capsys)[1]) for extra in ([], ["--drafting", "full"]))
+    assert adaptive["token_ids"] == full["token_ids"]
+    shares = adaptive["stats"]["round_options"]
+    assert set(shares) == {"ar", "ngram", "tree", "full"} and adaptive["stats"]["drafting_skipped"] == shares["ar"]
+    assert "round_options" not in full["stats"]
+    code, out, _ = _run(argv[:-1], capsys)
+    assert code == 0 and "[drafting] rounds: ar" in out
+
+
 def test_generate_with_lookahead_checkpoint(hf_dirs, tmp_path, capsys):
     path = hf_dirs["llama"][1]
     model = pj.load_model(path)

@@ -4,9 +4,9 @@ per unit of pass cost on this machine, chosen under jit among a few static optio
 Options, from the plan's tree: an autoregressive step (1 token a row, no drafts), the n-gram chain
 alone, the tree without its n-gram chain, the whole tree. A round's expected tokens: one exact token
 per live row, plus the drafts it is expected to get accepted: `g_la` for a row verifying look-ahead
-candidates, `g_ng` for a row whose context matched an n-gram (this round's prompt lookup), each the
-running mean of what such rows got accepted so far in this decode (from a prior worth PRIOR_ROWS
-row-rounds). Costs are the plan's measured pass costs per option (decoding.costs), relative to the
+candidates alone, `g_ng` for a row whose context matched an n-gram (this round's prompt lookup) verifying
+the chain alone, `g_full` for a matched row verifying both, each the running mean of what such rows got
+accepted so far in this decode (from a prior worth PRIOR_ROWS row-rounds). Costs are the plan's measured pass costs per option (decoding.costs), relative to the
 cheapest. Where drafting does not pay for the rows it adds (a CPU at batch 8), the rounds are
 autoregressive steps; where a pass costs about one row's (an accelerator), the whole tree runs.
 
@@ -30,7 +30,7 @@ from .rounds import _tree_round
 from .spec import DecodePlan, DecodeState, Inputs
 from .tree import DraftTree
 
-PRIOR_GAINS = np.array([0.5, 1.0], np.float32)  # accepted drafts per row-round: look-ahead, n-gram
+PRIOR_GAINS = np.array([0.5, 1.0, 1.2], np.float32)  # accepted drafts per row-round: look-ahead, n-gram, both
 PRIOR_ROWS = 4.0
 EXPLORE_ROWS = 8  # look-ahead rows verified before the look-ahead's mean is trusted (until then: a tree option)
 
@@ -69,12 +69,12 @@ def option_tokens(tree: DraftTree, lookahead: bool, k: int) -> tuple[int, ...]:
 def expected_tokens(opts, live, ngram_rows, gains, gain_rows):
     """[options] tokens each option is expected to emit this round (see the module docstring); a tree
     option is weighed as if every live row held look-ahead drafts (the steady state)."""
-    g_la, g_ng = jnp.unstack((gains + PRIOR_GAINS * PRIOR_ROWS) / (gain_rows + PRIOR_ROWS))
+    g_la, g_ng, g_full = jnp.unstack((gains + PRIOR_GAINS * PRIOR_ROWS) / (gain_rows + PRIOR_ROWS))
     n_live, n_ng = live.sum().astype(jnp.float32), ngram_rows.sum().astype(jnp.float32)
     out = []
     for o in opts:
         if o.lookahead and o.ngram:
-            out.append(n_live + g_la * (n_live - n_ng) + jnp.maximum(g_la, g_ng) * n_ng)
+            out.append(n_live + g_la * (n_live - n_ng) + g_full * n_ng)
         elif o.lookahead:
             out.append(n_live * (1 + g_la))
         elif o.ngram:
@@ -119,11 +119,12 @@ def adaptive_round(plan: DecodePlan, inp: Inputs, st: DecodeState) -> DecodeStat
 
     new = jax.lax.switch(choice, [branch(o) for o in opts], st)
     accepted = jnp.maximum(new.out_len - st.out_len - 1, 0).astype(jnp.float32)
-    uses_ngram = jnp.asarray([o.ngram for o in opts])[choice] & has_ngram
-    uses_la = jnp.asarray(with_la)[choice] & la_rows & ~uses_ngram
+    drafts_ngram = jnp.asarray([o.ngram for o in opts])[choice] & has_ngram
+    drafts_la = jnp.asarray(with_la)[choice] & la_rows
+    counted = jnp.stack([drafts_la & ~drafts_ngram, drafts_ngram & ~drafts_la, drafts_ngram & drafts_la])  # [3, B]
     return new.replace(
-        gains=new.gains + jnp.stack([jnp.sum(accepted * uses_la), jnp.sum(accepted * uses_ngram)]),
-        gain_rows=new.gain_rows + jnp.stack([uses_la.sum(), uses_ngram.sum()]).astype(jnp.float32),
+        gains=new.gains + jnp.sum(counted * accepted[None], 1),
+        gain_rows=new.gain_rows + jnp.sum(counted, 1).astype(jnp.float32),
         choices=new.choices.at[choice].add(1),
-        ngram_rows=None if new.ngram_rows is None else new.ngram_rows + uses_ngram.sum(),
+        ngram_rows=None if new.ngram_rows is None else new.ngram_rows + drafts_ngram.sum(),
     )

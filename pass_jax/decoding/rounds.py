@@ -208,7 +208,7 @@ def _prefill(plan: DecodePlan, inp: Inputs) -> DecodeState:
         node_hits=jnp.zeros((spec.tree.num_nodes,), jnp.int32) if spec.is_tree else None,
         ngram_rows=jnp.int32(0) if spec.is_tree and spec.tree.ngram else None)
     if plan.pass_costs is not None:  # adaptive drafting's running means and its choices (decoding.adaptive)
-        state = state.replace(gains=jnp.zeros((2,), jnp.float32), gain_rows=jnp.zeros((2,), jnp.float32),
+        state = state.replace(gains=jnp.zeros((3,), jnp.float32), gain_rows=jnp.zeros((3,), jnp.float32),
                               choices=jnp.zeros((len(plan.pass_costs),), jnp.int32))
     if use_la and spec.is_tree:
         top = top_k(cfg.logits(params, la_hidden, ops), spec.tree.max_rank)[1]

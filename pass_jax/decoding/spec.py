@@ -66,7 +66,7 @@ class DecodeState:
     top_candidates: jax.Array | None = None  # [B, k, C] tree methods: best C tokens of each look-ahead output
     node_hits: jax.Array | None = None  # [N] tree methods: (row, round) pairs whose accepted path held node i
     ngram_rows: jax.Array | None = None  # scalar, trees with an n-gram chain: (row, round) pairs that drafted one
-    gains: jax.Array | None = None  # [2] adaptive drafting: accepted drafts of look-ahead rows, of n-gram rows
+    gains: jax.Array | None = None  # [3] adaptive drafting: accepted drafts of rows verifying look-ahead, n-gram, both
     gain_rows: jax.Array | None = None  # [2] the (row, round) pairs they were counted over
     choices: jax.Array | None = None  # [options] adaptive drafting: rounds that took each option
 
