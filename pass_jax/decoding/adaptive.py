@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .ngram import prompt_lookup, row_history
+from .ngram import tree_ngram_candidates
 from .rounds import _tree_round
 from .spec import DecodePlan, DecodeState, Inputs
 from .tree import DraftTree
@@ -99,9 +99,7 @@ def adaptive_round(plan: DecodePlan, inp: Inputs, st: DecodeState) -> DecodeStat
     ngram = None
     has_ngram = jnp.zeros_like(live)
     if tree.ngram:
-        history = row_history(inp.prompts, inp.prompt_lens, st.out)
-        tokens, valid, matched = prompt_lookup(history, inp.prompt_lens + st.out_len, tree.ngram_n, tree.ngram)
-        valid &= (matched >= tree.ngram_min)[:, None]
+        tokens, valid = tree_ngram_candidates(tree, inp.prompts, inp.prompt_lens, st.out, st.out_len)
         ngram, has_ngram = (tokens, valid), valid[:, 0] & live
     la_rows = (st.n_drafts > 0) & live
     expected = expected_tokens(opts, live, has_ngram, st.gains, st.gain_rows)

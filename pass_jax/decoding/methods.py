@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from .adaptive import adaptive_round
-from .ngram import prompt_lookup, row_history
+from .ngram import tree_ngram_candidates
 from .rounds import _draft_with_model, _prefill, _prefill_draft_model, _round, _tree_round
 from .spec import DecodePlan, DecodeSpec, DecodeState, Inputs
 
@@ -65,9 +65,7 @@ class PassTree(DraftMethod):
             return adaptive_round(plan, inp, st)
         if not tree.ngram:
             return _tree_round(plan, inp, st, tree)
-        history = row_history(inp.prompts, inp.prompt_lens, st.out)
-        tokens, valid, matched = prompt_lookup(history, inp.prompt_lens + st.out_len, tree.ngram_n, tree.ngram)
-        valid &= (matched >= tree.ngram_min)[:, None]
+        tokens, valid = tree_ngram_candidates(tree, inp.prompts, inp.prompt_lens, st.out, st.out_len)
         st = st.replace(ngram_rows=st.ngram_rows + jnp.sum(valid[:, 0] & ~st.done))
         if tree.ngram_min == 1:  # every match is drafted: always the full tree
             return _tree_round(plan, inp, st, tree, (tokens, valid))

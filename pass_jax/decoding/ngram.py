@@ -43,3 +43,11 @@ def prompt_lookup(history, length, max_ngram: int, m: int):
     idx = cont[:, None] + jnp.arange(m)[None]
     tokens = jnp.take_along_axis(history, jnp.clip(idx, 0, h - 1), 1)
     return tokens, (cont[:, None] >= 0) & (idx < length[:, None]), matched
+
+
+def tree_ngram_candidates(tree, prompts, prompt_lens, out, out_len):
+    """(tokens, valid) [B, tree.ngram]: each row's n-gram chain for a tree round, valid only where the
+    matched suffix is tree.ngram_min tokens or longer (a shorter match is not worth drafting)."""
+    history = row_history(prompts, prompt_lens, out)
+    tokens, valid, matched = prompt_lookup(history, prompt_lens + out_len, tree.ngram_n, tree.ngram)
+    return tokens, valid & (matched >= tree.ngram_min)[:, None]
