@@ -115,20 +115,24 @@ def test_chi_square_detects_a_broken_rule_in_speculative_sampling(model, draft_m
     assert pvalue < 1e-6
 
 
-# two look-ahead siblings at depth 1 plus an n-gram chain: three candidates can share a parent
+# two look-ahead siblings at depth 1 plus an n-gram chain: three candidates can share a parent. The tree
+# tests run the whole tree every round (pass_costs=None): the rule under test, whatever this machine's pass
+# costs would make adaptive drafting choose at 40000 rows (adaptive rounds sample what autoregressive
+# sampling does, seed for seed: tests/test_adaptive.py)
 TREE = DraftTree.parse("2,1;ngram=2")
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS, ids=["T1", "T0.8-topk2", "T1.3-topp0.8"])
 def test_sampled_tree_matches_exact_distribution(model, sampler):
     la = pj.init_lookahead(model.params, 2, "random", key=jax.random.key(2))
-    pvalue, r = chi_square_pvalue(model, sampler, method="pass", variant="tree", k=2, lookahead=la, tree=TREE)
+    pvalue, r = chi_square_pvalue(model, sampler, method="pass", variant="tree", k=2, lookahead=la, tree=TREE,
+                                  pass_costs=None)
     assert 0 < r.stats.acceptance_by_position[0] < 1, "drafts must be both accepted and rejected"
     assert pvalue > 1e-3
 
 
 def test_sampled_ngram_matches_exact_distribution(model):
-    pvalue, r = chi_square_pvalue(model, SAMPLERS[1], method="ngram", tree="ngram=2")
+    pvalue, r = chi_square_pvalue(model, SAMPLERS[1], method="ngram", tree="ngram=2", pass_costs=None)
     assert 0 < r.stats.acceptance_by_position[0] < 1
     assert pvalue > 1e-3
 
@@ -151,7 +155,8 @@ def test_chi_square_detects_a_tree_rule_without_renormalized_residual(model, mon
     monkeypatch.setattr(api_mod, "_COMPILED", {})
     try:
         la = pj.init_lookahead(model.params, 2, "random", key=jax.random.key(2))
-        pvalue, _ = chi_square_pvalue(model, SAMPLERS[0], method="pass", variant="tree", k=2, lookahead=la, tree=TREE)
+        pvalue, _ = chi_square_pvalue(model, SAMPLERS[0], method="pass", variant="tree", k=2, lookahead=la, tree=TREE,
+                                     pass_costs=None)
         assert pvalue < 1e-6
     finally:
         monkeypatch.undo()
