@@ -3,8 +3,8 @@
 For each dtype, batch size and sampling setting: autoregressive decoding, n-gram drafting (prompt
 lookup), PaSS chain (paper, fused), PaSS tree (look-ahead candidates only) and PaSS tree + n-grams.
 Every method is warmed up (compiled and run once), then the methods' timed runs over all prompts
-alternate (--repeats rounds, each method's fastest kept), so none pays first-execution costs or a
-slow spell of the machine alone. Speed-ups are over the fastest autoregressive configuration of
+alternate (--repeats rounds; each call's fastest time kept, summed over the calls), so none pays
+first-execution costs or a slow spell of the machine alone. Speed-ups are over the fastest autoregressive configuration of
 this run (any dtype) at the same batch size and sampling setting.
 """
 
@@ -59,18 +59,30 @@ def methods(args, lookahead) -> dict[str, dict]:
 
 
 def _run(model, ids, batch, pad_to, kw):
-    """Generate every prompt in batches: seconds, tokens, passes and outputs."""
+    """Generate every prompt in batches: seconds per batch, tokens, passes, outputs and (adaptive drafting)
+    the rounds each option took."""
     from pass_jax import generate
 
-    out, secs, new, passes = [], 0.0, 0, 0
+    out, secs, new, passes, options = [], [], 0, 0, {}
     for i in range(0, len(ids), batch):
         res = generate(model, ids[i:i + batch], pad_prompts_to=pad_to, eos_token_id=(), **kw)
         out += res.token_ids
-        secs += res.stats["seconds"]
+        secs.append(res.stats["seconds"])
         new += res.stats["new_tokens"]
         passes += sum(res.stats["row_forward_passes"])
-    return {"token_ids": out, "seconds": secs, "tokens_per_forward": new / max(passes, 1),
-            "tokens_per_second": new / secs}
+        for name, share in (res.stats.round_options or {}).items():
+            options[name] = options.get(name, 0.0) + share * len(res.token_ids) / len(ids)
+    return {"token_ids": out, "seconds": secs, "new_tokens": new, "tokens_per_forward": new / max(passes, 1),
+            "round_options": options or None}
+
+
+def _fastest(runs: list[dict]) -> dict:
+    """Each batch's fastest time over the repeats (a slow spell of the machine hits one call, not the
+    whole run), summed; outputs and counts are the same in every repeat."""
+    res = dict(runs[0])
+    res["seconds"] = sum(min(times) for times in zip(*(r["seconds"] for r in runs)))
+    res["tokens_per_second"] = res["new_tokens"] / res["seconds"]
+    return res
 
 
 def run_methods_bench(args, table_fn=methods) -> dict:
@@ -106,12 +118,14 @@ def run_methods_bench(args, table_fn=methods) -> dict:
                     for name, kw in kws.items():
                         timed[name].append(_run(model, ids, batch, pad_to, kw))
                 for name, extra in table.items():
-                    res = min(timed[name], key=lambda r: r["seconds"])
+                    res = _fastest(timed[name])
                     outputs[dtype, batch, sampling, name] = res["token_ids"]
                     rows.append({"dtype": dtype, "batch": batch, "sampling": sampling, "method": name,
                                  "tree": extra.get("tree"), "k": extra.get("k", 0),
                                  "tokens_per_forward": res["tokens_per_forward"],
                                  "tokens_per_second": res["tokens_per_second"]})
+                    if res["round_options"]:
+                        rows[-1]["round_options"] = {o: round(x, 3) for o, x in res["round_options"].items()}
                     bar.set_postfix_str(f"{dtype} B={batch} {sampling} {name} "
                                         f"{res['tokens_per_second']:.1f} tok/s")
                 bar.update()

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pass_jax as pj
@@ -68,6 +68,30 @@ def test_prompt_lookup_takes_longest_then_most_recent_match():
     assert tokens[0, :1].tolist() == [7] and ok[0].tolist() == [True, False, False]
     prompts, out = jnp.asarray([[7, 8, 0, 0]]), jnp.asarray([[5, 6, 9]])
     assert row_history(prompts, jnp.asarray([2]), out)[0, :5].tolist() == [7, 8, 5, 6, 9]
+
+
+def _lookup_by_the_rule(row, length, max_ngram, m):
+    """prompt_lookup's rule, one row in plain Python: longest suffix first, then the occurrence followed
+    by the most known tokens (up to m), then the most recent."""
+    for n in range(min(max_ngram, length - 1), 0, -1):
+        suffix = row[length - n:length]
+        starts = [j for j in range(length - n) if row[j:j + n] == suffix]
+        if starts:
+            j = max(starts, key=lambda j: (min(length - j - n, m), j))
+            cont = row[j + n:min(j + n + m, length)]
+            return cont, n
+    return [], 0
+
+
+@settings(max_examples=60)
+@given(st.lists(st.lists(st.integers(0, 3), min_size=12, max_size=12), min_size=1, max_size=4), st.data())
+def test_prompt_lookup_follows_its_rule_on_any_history(rows, data):
+    lengths = [data.draw(st.integers(1, 12)) for _ in rows]
+    tokens, ok, matched = prompt_lookup(jnp.asarray(rows), jnp.asarray(lengths), max_ngram=3, m=3)
+    for b, (row, length) in enumerate(zip(rows, lengths)):
+        cont, n = _lookup_by_the_rule(row, length, 3, 3)
+        assert int(matched[b]) == n
+        assert np.asarray(tokens[b])[np.asarray(ok[b])].tolist() == cont and int(ok[b].sum()) == len(cont)
 
 
 @pytest.mark.parametrize("tree", TREES)

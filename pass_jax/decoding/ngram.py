@@ -23,23 +23,23 @@ def prompt_lookup(history, length, max_ngram: int, m: int):
     """(tokens [B, m], valid [B, m], matched [B]): continuation of the longest suffix (<= max_ngram tokens) of
     history[b, :length[b]] that also occurs earlier, taken from its most recent earlier occurrence
     that is followed by m known tokens (or by as many as any occurrence is), and the matched suffix's
-    length (0: no match)."""
+    length (0: no match).
+
+    One pass over the row, every suffix length at once: run[b, e] is how many tokens ending at e
+    match the suffix's last ones (a handful of fused ops a round, where a loop per length cost ~4x)."""
     b, h = history.shape
-    j = jnp.arange(h)[None]
-    cont = jnp.full((b,), -1, jnp.int32)  # where the continuation starts; -1 = no match yet
-    matched = jnp.zeros((b,), jnp.int32)  # length of the suffix that matched
-    for n in range(max_ngram, 0, -1):  # longest suffix first
-        suffix = jnp.take_along_axis(history, jnp.clip(length[:, None] - n + jnp.arange(n)[None], 0, h - 1), 1)
-        match = j + n < length[:, None]  # an earlier occurrence, followed by a known token
-        for t in range(n):
-            shifted = jnp.pad(history[:, t:], ((0, 0), (0, t)), constant_values=-1)
-            match &= shifted == suffix[:, t:t + 1]
-        # the most recent occurrence among those followed by the most known tokens (up to m): in a
-        # repeating run the latest occurrence overlaps the suffix and has only one token after it
-        room = jnp.minimum(length[:, None] - (j + n), m)
-        best = jnp.max(jnp.where(match, room * h + j, -1), axis=1)
-        new = (cont < 0) & (best >= 0)
-        cont, matched = jnp.where(new, best % h + n, cont), jnp.where(new, n, matched)
+    e = jnp.arange(h)[None]  # where an earlier occurrence ends; its continuation starts at e + 1
+    back = jnp.stack([jnp.pad(history, ((0, 0), (s, 0)), constant_values=-1)[:, :h] for s in range(max_ngram)], -1)
+    tail_at = length[:, None] - 1 - jnp.arange(max_ngram)[None]  # [B, N] the suffix, last token first
+    tail = jnp.where(tail_at >= 0, jnp.take_along_axis(history, jnp.clip(tail_at, 0, h - 1), 1), -2)
+    run = jnp.sum(jnp.cumprod((back == tail[:, None, :]).astype(jnp.int32), -1), -1)  # [B, H]
+    run = jnp.where(e + 1 < length[:, None], run, 0)  # an earlier occurrence, followed by a known token
+    matched = jnp.max(run, 1)
+    # the most recent occurrence among those followed by the most known tokens (up to m): in a
+    # repeating run the latest occurrence overlaps the suffix and has only one token after it
+    room = jnp.minimum(length[:, None] - (e + 1), m)
+    best = jnp.max(jnp.where((run >= matched[:, None]) & (run > 0), room * h + e, -1), axis=1)
+    cont = jnp.where(best >= 0, best % h + 1, -1)
     idx = cont[:, None] + jnp.arange(m)[None]
     tokens = jnp.take_along_axis(history, jnp.clip(idx, 0, h - 1), 1)
     return tokens, (cont[:, None] >= 0) & (idx < length[:, None]), matched
