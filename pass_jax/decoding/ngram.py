@@ -26,8 +26,8 @@ def prompt_lookup(history, length, max_ngram: int, m: int):
     length (0: no match).
 
     One pass over the row, every suffix length at once: run[b, e] is how many tokens ending at e
-    match the suffix's last ones (a handful of fused ops a round, where a loop per length cost ~4x)."""
-    b, h = history.shape
+    match the suffix's last ones (a few fused ops a round, not a loop of compares per length)."""
+    h = history.shape[1]
     e = jnp.arange(h)[None]  # where an earlier occurrence ends; its continuation starts at e + 1
     back = jnp.stack([jnp.pad(history, ((0, 0), (s, 0)), constant_values=-1)[:, :h] for s in range(max_ngram)], -1)
     tail_at = length[:, None] - 1 - jnp.arange(max_ngram)[None]  # [B, N] the suffix, last token first
